@@ -1,0 +1,44 @@
+# Every target builds what it needs: a fresh clone runs `make serve` or `make test` and nothing else.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+REPOSITORY ?= models
+PYTEST_ARGS ?=
+
+.PHONY: help serve test models install install-dev clean
+
+help:
+	@echo "make serve   install the serving stack in $(VENV) and serve $(REPOSITORY)/ at http://$(HOST):$(PORT) (Swagger UI at /docs)"
+	@echo "make test    install everything (training, export, tests) in $(VENV) and run the whole test suite"
+	@echo "make models  retrain and re-export the bundled digits model from its fixed seed"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamps: reinstall only when pyproject.toml changes.
+$(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
+	touch $@ $(VENV)/.installed-serve
+
+install: $(VENV)/.installed-serve
+install-dev: $(VENV)/.installed-dev
+
+serve: $(VENV)/.installed-serve
+	$(BIN)/python -m service --host $(HOST) --port $(PORT) --repository $(REPOSITORY)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+models: $(VENV)/.installed-dev
+	$(BIN)/python -m training train --model digits_cnn --dataset digits --seed 0 --run-dir runs/digits
+	$(BIN)/python -m export runs/digits --name digits --version 1 --overwrite --repository models
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

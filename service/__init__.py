@@ -1,0 +1,1 @@
+"""keras-onnx-serve: the async batching model server (never imports TensorFlow)."""

@@ -1,0 +1,102 @@
+"""The model artifact contract: repository layout and the metadata carried inside each ONNX file.
+
+One definition, shared by the writer (export) and the reader (service).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+METADATA_KEY = "keras_onnx_serve"
+SCHEMA_VERSION = 1
+MODEL_FILENAME = "model.onnx"
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+
+ColorMode = Literal["grayscale", "rgb"]
+ResizeMethod = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
+
+
+class ModelMetadata(BaseModel):
+    """Everything the service needs to serve a model correctly, plus where it came from."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    schema_version: int = SCHEMA_VERSION
+    name: str = Field(description="Served model name, the folder name in the repository.")
+    labels: list[str] = Field(min_length=2, description="Class labels, index i is output column i.")
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    channels: Literal[1, 3]
+    color_mode: ColorMode
+    resize_method: ResizeMethod = "bilinear"
+    architecture: str = Field(description="Model family in the training zoo, e.g. digits_cnn.")
+    dataset: str
+    source_run: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict, description="Held-out test metrics.")
+    parity: dict[str, float | int | bool | str] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict, description="Tool and framework versions.")
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    extra: dict[str, str | float | int | bool] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _colour_matches_channels(self) -> "ModelMetadata":
+        expected = 1 if self.color_mode == "grayscale" else 3
+        if self.channels != expected:
+            raise ValueError(f"color_mode {self.color_mode!r} needs {expected} channel(s), not {self.channels}")
+        return self
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+    def to_metadata_props(self) -> dict[str, str]:
+        """The ONNX `metadata_props` entries that carry this metadata."""
+        return {METADATA_KEY: self.model_dump_json()}
+
+    @classmethod
+    def from_metadata_props(cls, props: dict[str, str]) -> "ModelMetadata":
+        """Read the metadata back from an ONNX file's `metadata_props` (or onnxruntime's custom map)."""
+        if METADATA_KEY not in props:
+            raise ValueError(f"the model carries no {METADATA_KEY!r} metadata: was it written by `python -m export`?")
+        data = json.loads(props[METADATA_KEY])
+        if data.get("schema_version", 0) > SCHEMA_VERSION:
+            raise ValueError(
+                f"metadata schema version {data.get('schema_version')} is newer than this service understands "
+                f"({SCHEMA_VERSION}): upgrade keras-onnx-serve"
+            )
+        return cls.model_validate(data)
+
+
+def model_path(repository: Path, name: str, version: int) -> Path:
+    return repository / name / str(version) / MODEL_FILENAME
+
+
+def list_versions(repository: Path, name: str) -> list[int]:
+    """Versions of `name` that hold a model file, ascending; temporary folders are ignored."""
+    folder = repository / name
+    if not folder.is_dir():
+        return []
+    return sorted(
+        int(p.name)
+        for p in folder.iterdir()
+        if p.name.isdigit() and int(p.name) > 0 and (p / MODEL_FILENAME).is_file()
+    )
+
+
+def list_models(repository: Path) -> dict[str, list[int]]:
+    """Every model name in the repository with its versions."""
+    if not repository.is_dir():
+        return {}
+    found = {}
+    for p in sorted(repository.iterdir()):
+        if p.is_dir() and not p.name.startswith("."):
+            versions = list_versions(repository, p.name)
+            if versions:
+                found[p.name] = versions
+    return found

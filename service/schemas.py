@@ -1,0 +1,64 @@
+"""Request and answer bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ClassScore(BaseModel):
+    label: str = Field(examples=["3"])
+    index: int = Field(examples=[3])
+    probability: float = Field(examples=[0.997])
+
+
+class Prediction(BaseModel):
+    filename: str = Field(examples=["three.png"])
+    label: str = Field(examples=["3"])
+    probability: float = Field(examples=[0.997])
+    top_k: list[ClassScore]
+
+
+class PredictResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str = Field(examples=["digits"])
+    version: int = Field(examples=[1])
+    predictions: list[Prediction] = Field(description="One per uploaded file, in upload order.")
+
+
+class ModelHealth(BaseModel):
+    name: str
+    version: int
+    state: Literal["loading", "ready", "failed"]
+    providers: list[str] = Field(description="Execution providers the session really runs on.", examples=[["CPUExecutionProvider"]])
+    error: str | None = None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ready", "unavailable"]
+    models: list[ModelHealth]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: int
+    state: Literal["loading", "ready", "failed"]
+    error: str | None = None
+    providers: list[str] = []
+    input_shape: list[int] | None = Field(None, description="[height, width, channels]", examples=[[8, 8, 1]])
+    color_mode: str | None = None
+    resize_method: str | None = None
+    labels: list[str] | None = None
+    architecture: str | None = None
+    dataset: str | None = None
+    metrics: dict[str, float] | None = None
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(examples=["model 'cats' is not served (served models: digits)"])

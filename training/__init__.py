@@ -1,0 +1,1 @@
+"""keras-onnx-serve training: Keras image classifiers, data sets, the training loop and its records."""
