@@ -19,6 +19,9 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 
 ColorMode = Literal["grayscale", "rgb"]
+Precision = Literal["float32", "float16", "int8"]
+# File name of each precision inside a version folder; float32 is the one the service serves.
+PRECISION_FILENAMES: dict[str, str] = {"float32": MODEL_FILENAME, "float16": "model.float16.onnx", "int8": "model.int8.onnx"}
 ResizeMethod = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
 
 
@@ -43,6 +46,14 @@ class ModelMetadata(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict, description="Tool and framework versions.")
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     extra: dict[str, str | float | int | bool] = Field(default_factory=dict)
+    precision: Precision = Field("float32", description="Weight precision of this file; variants sit beside model.onnx.")
+    opset: int | None = Field(None, description="ONNX opset the graph was converted to.")
+    graph_checks: dict[str, list[str]] = Field(
+        default_factory=dict, description="Keras layers checked in the exported graph: augmentation removed, preprocessing kept."
+    )
+    variants: dict[str, dict[str, float | int | bool | str]] = Field(
+        default_factory=dict, description="Reduced-precision files of this version and their accuracy against float32."
+    )
 
     @model_validator(mode="after")
     def _colour_matches_channels(self) -> "ModelMetadata":
@@ -73,8 +84,8 @@ class ModelMetadata(BaseModel):
         return cls.model_validate(data)
 
 
-def model_path(repository: Path, name: str, version: int) -> Path:
-    return repository / name / str(version) / MODEL_FILENAME
+def model_path(repository: Path, name: str, version: int, precision: str = "float32") -> Path:
+    return repository / name / str(version) / PRECISION_FILENAMES[precision]
 
 
 def list_versions(repository: Path, name: str) -> list[int]:
