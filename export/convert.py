@@ -1,44 +1,45 @@
-"""Convert a Keras model to ONNX with tf2onnx, check parity with Keras, write it to the repository."""
+"""Keras to ONNX with tf2onnx, and the checks that the exported graph is the inference graph."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+import re
+from dataclasses import dataclass, field
 
-import numpy as np
+from service.artifact import INPUT_NAME, OUTPUT_NAME
 
-from service.artifact import INPUT_NAME, MODEL_FILENAME, OUTPUT_NAME, ModelMetadata, list_versions
+from .errors import ExportError
 
 OPSET = 17
-MAX_PROBABILITY_DIFFERENCE = 1e-4
+# Random ops in an ONNX graph mean a layer still behaves as in training.
+RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Multinomial", "Bernoulli"})
+# Ops that arithmetic preprocessing (rescaling, mean/std, a backbone's preprocess_input) becomes.
+ARITHMETIC_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
+AUGMENTATION_LAYERS = frozenset({"RandAugment", "AugMix", "MixUp", "CutMix", "Solarization"})
+PREPROCESSING_LAYERS = frozenset({"Rescaling", "Normalization"})
 
 
-class ExportError(RuntimeError):
-    """The export was refused; nothing was written to the repository."""
+def _is_augmentation(layer) -> bool:
+    """Keras's random image layers (RandomFlip, RandomRotation, RandomZoom, ...) and RandAugment-like ones."""
+    name = type(layer).__name__
+    return name.startswith("Random") or name in AUGMENTATION_LAYERS
 
 
-@dataclass
-class Parity:
-    images: int
-    max_abs_difference: float
-    top1_agreement: float
+def iter_layers(model) -> list:
+    """Every layer of the model, nested models included, depth first."""
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if hasattr(layer, "layers"):
+            found.extend(iter_layers(layer))
+    return found
 
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_difference <= MAX_PROBABILITY_DIFFERENCE and self.top1_agreement == 1.0
 
-    def as_metadata(self) -> dict[str, float | int | bool]:
-        return {
-            "images": self.images,
-            "max_abs_difference": self.max_abs_difference,
-            "top1_agreement": self.top1_agreement,
-            "threshold": MAX_PROBABILITY_DIFFERENCE,
-            "passed": self.passed,
-        }
+def _is_identity_preprocessing(layer) -> bool:
+    """A Rescaling that changes nothing leaves no node behind, and need not."""
+    if type(layer).__name__ != "Rescaling":
+        return False
+    scale, offset = layer.get_config().get("scale"), layer.get_config().get("offset")
+    return scale == 1.0 and offset == 0.0
 
 
 def to_onnx(model, opset: int = OPSET):
@@ -46,9 +47,16 @@ def to_onnx(model, opset: int = OPSET):
     import tensorflow as tf
     import tf2onnx
 
-    shape = model.inputs[0].shape
-    if len(shape) != 4 or shape[-1] not in (1, 3):
-        raise ExportError(f"the model's input {tuple(shape)} is not an image batch (batch, height, width, 1 or 3)")
+    if opset < OPSET:
+        raise ExportError(f"opset {opset} is too old: use {OPSET} or newer")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ExportError(f"the model has {len(model.inputs)} input(s) and {len(model.outputs)} output(s); an image classifier has one of each")
+    shape = tuple(model.inputs[0].shape)
+    if len(shape) != 4 or shape[-1] not in (1, 3) or any(not isinstance(d, int) or d <= 0 for d in shape[1:]):
+        raise ExportError(f"the model's input {shape} is not an image batch (batch, height, width, 1 or 3) of fixed size")
+    out_shape = tuple(model.outputs[0].shape)
+    if len(out_shape) != 2 or not isinstance(out_shape[1], int):
+        raise ExportError(f"the model's output {out_shape} is not a batch of class probabilities (batch, classes)")
     spec = (tf.TensorSpec((None, *shape[1:]), tf.uint8, name=INPUT_NAME),)
 
     @tf.function(input_signature=spec)
@@ -60,117 +68,63 @@ def to_onnx(model, opset: int = OPSET):
     return proto
 
 
-def check_parity(model, proto, images: np.ndarray, batch_size: int = 64) -> Parity:
-    """Run Keras and onnxruntime on the same images and compare their probabilities."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    worst, agree = 0.0, 0
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        expected = np.asarray(model(batch, training=False))
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-        worst = max(worst, float(np.abs(expected - got).max()))
-        agree += int((expected.argmax(1) == got.argmax(1)).sum())
-    return Parity(images=len(images), max_abs_difference=worst, top1_agreement=agree / len(images))
+def _scopes(node_name: str) -> set[str]:
+    # tf2onnx keeps TensorFlow's name scopes, where Keras appends "_1", "_2" to each layer's name.
+    return {re.sub(r"_\d+$", "", part) for part in node_name.split("/")}
 
 
-def attach_metadata(proto, metadata: ModelMetadata) -> None:
-    for key, value in metadata.to_metadata_props().items():
-        entry = next((p for p in proto.metadata_props if p.key == key), None) or proto.metadata_props.add()
-        entry.key, entry.value = key, value
+@dataclass
+class GraphReport:
+    augmentation_removed: list[str] = field(default_factory=list)
+    preprocessing_kept: list[str] = field(default_factory=list)
+
+    def as_metadata(self) -> dict[str, list[str]]:
+        return {"augmentation_removed": self.augmentation_removed, "preprocessing_kept": self.preprocessing_kept}
 
 
-def next_version(repository: Path, name: str) -> int:
-    versions = list_versions(repository, name)
-    return (max(versions) + 1) if versions else 1
+def _ops_before_first_weighted_op(proto) -> list[str]:
+    """Op types on the way from the image input to the first Conv / MatMul / Gemm."""
+    consumers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    seen, frontier, ops = set(), [INPUT_NAME], []
+    while frontier:
+        tensor = frontier.pop()
+        for node in consumers.get(tensor, []):
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            ops.append(node.op_type)
+            if node.op_type not in {"Conv", "MatMul", "Gemm", "ConvInteger", "MatMulInteger"}:
+                frontier.extend(node.output)
+    return ops
 
 
-def write_atomically(proto, repository: Path, name: str, version: int, overwrite: bool = False) -> Path:
-    """Write `<repository>/<name>/<version>/model.onnx` so a watcher never sees a partial model.
-
-    The file is written into a hidden temporary folder beside the version folders, which is then
-    renamed into place: a rename within one file system is atomic.
-    """
-    folder = repository / name
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / str(version)
-    if target.exists() and not overwrite:
-        raise ExportError(f"{target} already exists: choose another version or pass --overwrite")
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=folder))
-    try:
-        path = staging / MODEL_FILENAME
-        with open(path, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{version}.old.", dir=folder))
-            os.replace(target, retired / "model")
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target / MODEL_FILENAME
-
-
-def tool_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    versions = {}
-    for package in ("keras-onnx-serve", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime-gpu", "onnxruntime"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            pass
-    return versions
-
-
-def load_run(run_dir: Path) -> tuple[object, dict, np.ndarray]:
-    """The trained model, its run record and its held-out test images."""
-    import keras
-
-    from training.train import MODEL_FILE, RUN_FILE, TEST_SPLIT_FILE
-
-    for required in (MODEL_FILE, RUN_FILE, TEST_SPLIT_FILE):
-        if not (run_dir / required).is_file():
-            raise ExportError(f"{run_dir} is not a training run folder: {required} is missing")
-    record = json.loads((run_dir / RUN_FILE).read_text())
-    model = keras.models.load_model(run_dir / MODEL_FILE)
-    with np.load(run_dir / TEST_SPLIT_FILE) as split:
-        images = split["x"]
-    return model, record, images
-
-
-def export_run(run_dir: Path, name: str, repository: Path, version: int | None = None, overwrite: bool = False) -> tuple[Path, ModelMetadata]:
-    """Convert a run, verify parity on its test split, and write it to the repository."""
-    model, record, images = load_run(run_dir)
-    proto = to_onnx(model)
-    parity = check_parity(model, proto, images)
-    if not parity.passed:
-        raise ExportError(
-            f"parity check failed on {parity.images} images: largest probability difference "
-            f"{parity.max_abs_difference:.2e} (limit {MAX_PROBABILITY_DIFFERENCE:.0e}), top-1 agreement "
-            f"{parity.top1_agreement:.4f}; nothing was written"
-        )
-    height, width, channels = record["input_shape"]
-    metadata = ModelMetadata(
-        name=name,
-        labels=record["labels"],
-        height=height,
-        width=width,
-        channels=channels,
-        color_mode=record["color_mode"],
-        resize_method=record["resize_method"],
-        architecture=record["config"]["model"],
-        dataset=record["dataset"],
-        source_run=str(run_dir),
-        metrics=record["metrics"],
-        parity=parity.as_metadata(),
-        versions=tool_versions(),
-    )
-    attach_metadata(proto, metadata)
-    path = write_atomically(proto, repository, name, version or next_version(repository, name), overwrite)
-    return path, metadata
+def check_graph(model, proto) -> GraphReport:
+    """Refuse a graph where augmentation survived or preprocessing vanished; say which layers were checked."""
+    ops = {node.op_type for node in proto.graph.node}
+    random_ops = sorted(ops & RANDOM_OPS)
+    if random_ops:
+        raise ExportError(f"the exported graph still holds random ops {random_ops}: augmentation did not run in inference mode")
+    scopes: set[str] = set()
+    arithmetic_scopes: set[str] = set()
+    for node in proto.graph.node:
+        node_scopes = _scopes(node.name)
+        scopes |= node_scopes
+        if node.op_type in ARITHMETIC_OPS:
+            arithmetic_scopes |= node_scopes
+    report = GraphReport()
+    layers = iter_layers(model)
+    for layer in layers:
+        if _is_augmentation(layer):
+            if layer.name in scopes:
+                raise ExportError(f"augmentation layer {layer.name!r} ({type(layer).__name__}) survived into the exported graph")
+            report.augmentation_removed.append(layer.name)
+        elif type(layer).__name__ in PREPROCESSING_LAYERS and not _is_identity_preprocessing(layer):
+            if layer.name not in arithmetic_scopes:
+                raise ExportError(f"preprocessing layer {layer.name!r} ({type(layer).__name__}) left no arithmetic in the exported graph")
+            report.preprocessing_kept.append(layer.name)
+    if report.preprocessing_kept and not ARITHMETIC_OPS & set(_ops_before_first_weighted_op(proto)):
+        raise ExportError("the exported graph feeds the image to its first layer without the model's preprocessing arithmetic")
+    return report

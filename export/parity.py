@@ -1,0 +1,149 @@
+"""Parity: the ONNX file must answer as the Keras model does on held-out images, or it is not written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.artifact import INPUT_NAME, OUTPUT_NAME
+
+from .errors import ExportError
+
+MAX_PROBABILITY_DIFFERENCE = 1e-4
+MAX_ACCURACY_DROP_POINTS = 1.0
+BATCH_SIZE = 64
+
+
+@dataclass
+class Parity:
+    images: int
+    max_abs_difference: float
+    top1_agreement: float
+    threshold: float = MAX_PROBABILITY_DIFFERENCE
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_difference <= self.threshold and self.top1_agreement == 1.0
+
+    def as_metadata(self) -> dict[str, float | int | bool]:
+        return {
+            "images": self.images,
+            "max_abs_difference": self.max_abs_difference,
+            "top1_agreement": self.top1_agreement,
+            "threshold": self.threshold,
+            "passed": self.passed,
+        }
+
+
+def session_for(proto):
+    """A CPU onnxruntime session on an in-memory model: parity is about the graph, not the hardware."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_probabilities(proto, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
+    session = session_for(proto)
+    return np.concatenate(
+        [session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
+    )
+
+
+def keras_probabilities(model, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
+    # Direct calls in inference mode, as the exported function calls the model.
+    return np.concatenate([np.asarray(model(images[i : i + batch_size], training=False)) for i in range(0, len(images), batch_size)])
+
+
+def check_outputs_are_probabilities(probabilities: np.ndarray, classes: int) -> None:
+    """Refuse a model that ends in logits or has a different number of classes than labels."""
+    if probabilities.ndim != 2 or probabilities.shape[1] != classes:
+        raise ExportError(f"the model answers {probabilities.shape[1:]} per image but there are {classes} labels")
+    if (probabilities < -1e-6).any() or not np.allclose(probabilities.sum(1), 1.0, atol=1e-3):
+        raise ExportError("the model's outputs are not probabilities (rows must be non-negative and sum to 1): end it with a softmax")
+
+
+def compare(expected: np.ndarray, got: np.ndarray) -> Parity:
+    """Largest probability difference and top-1 agreement between two answers on the same images."""
+    if expected.shape != got.shape:
+        raise ExportError(f"the ONNX model answers {got.shape}, Keras answers {expected.shape}")
+    return Parity(
+        images=len(expected),
+        max_abs_difference=float(np.abs(expected - got).max()) if len(expected) else 0.0,
+        top1_agreement=float((expected.argmax(1) == got.argmax(1)).mean()),
+    )
+
+
+def check_parity(keras_probs: np.ndarray, onnx_probs: np.ndarray) -> Parity:
+    """Keras's and onnxruntime's answers on the same images; refuse unless within the limit on every image."""
+    if len(keras_probs) == 0:
+        raise ExportError("parity needs held-out images, and there are none")
+    parity = compare(keras_probs, onnx_probs)
+    if not parity.passed:
+        raise ExportError(
+            f"parity check failed on {parity.images} held-out images: largest probability difference "
+            f"{parity.max_abs_difference:.2e} (limit {parity.threshold:.0e}), top-1 agreement {parity.top1_agreement:.4f} "
+            "(must be 1); nothing was written"
+        )
+    return parity
+
+
+@dataclass
+class VariantCheck:
+    """A reduced-precision variant's accuracy against the float32 model on the same held-out images."""
+
+    precision: str
+    images: int
+    accuracy: float
+    reference_accuracy: float
+    agreement: float
+    max_abs_difference: float
+    labelled: bool
+    forced: bool = False
+
+    @property
+    def drop_points(self) -> float:
+        return 100.0 * (self.reference_accuracy - self.accuracy)
+
+    @property
+    def passed(self) -> bool:
+        return self.drop_points <= MAX_ACCURACY_DROP_POINTS
+
+    def as_metadata(self) -> dict[str, float | int | bool | str]:
+        return {
+            "images": self.images,
+            "accuracy": self.accuracy,
+            "float32_accuracy": self.reference_accuracy,
+            "accuracy_drop_points": self.drop_points,
+            "top1_agreement": self.agreement,
+            "max_abs_difference": self.max_abs_difference,
+            # Without class labels the float32 model's own answers are the truth.
+            "against": "labels" if self.labelled else "float32 answers",
+            "passed": self.passed,
+            "forced": self.forced,
+        }
+
+
+def check_variant(precision: str, reference: np.ndarray, proto, images: np.ndarray, y: np.ndarray | None, force: bool = False) -> VariantCheck:
+    """Refuse a variant that loses more than a point of accuracy, unless forced."""
+    got = onnx_probabilities(proto, images)
+    truth = reference.argmax(1) if y is None else y
+    check = VariantCheck(
+        precision=precision,
+        images=len(images),
+        accuracy=float((got.argmax(1) == truth).mean()),
+        reference_accuracy=float((reference.argmax(1) == truth).mean()),
+        agreement=float((got.argmax(1) == reference.argmax(1)).mean()),
+        max_abs_difference=float(np.abs(got - reference).max()),
+        labelled=y is not None,
+        forced=force,
+    )
+    if not check.passed and not force:
+        raise ExportError(
+            f"the {precision} variant loses {check.drop_points:.2f} points of accuracy on {check.images} held-out images "
+            f"({check.accuracy:.4f} against float32's {check.reference_accuracy:.4f}; limit {MAX_ACCURACY_DROP_POINTS} point): "
+            "nothing was written; pass --force-variants to keep it anyway"
+        )
+    return check
