@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import logging.config
 import sys
 from typing import Any
 
 import uvicorn
 
 from .app import create_app
+from .logs import log_config
+from .runtime import DeviceUnavailable
 from .settings import ENV_PREFIX, Settings
 
 
@@ -37,8 +39,22 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings(**overrides)
     except Exception as exc:
         sys.exit(f"invalid settings: {exc}")
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    config = log_config(settings.log_level, settings.log_format)
+    logging.config.dictConfig(config)
+    try:
+        app = create_app(settings)
+    except DeviceUnavailable as exc:
+        sys.exit(f"cannot start: {exc}")
+    # One process per device: several workers would each load every model (and, on a GPU, each
+    # hold its own CUDA context and memory arena). Scale out with more processes behind a balancer.
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=config,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+    )
 
 
 if __name__ == "__main__":

@@ -2,33 +2,80 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from .errors import install_error_handlers
+from .metrics import Metrics
+from .middleware import BodySizeLimit, PredictMetrics
 from .registry import Registry
-from .routes import router
+from .routes import protected, router
+from .runtime import Device, resolve_device
 from .settings import Settings
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """Image classifiers trained with Keras, exported to ONNX, served by onnxruntime.
 
-Upload images to `POST /predict/{model}` as `multipart/form-data` parts named `files`.
-Every error answers JSON with a human-readable `detail`."""
+Upload images to `POST /predict/{model}` as `multipart/form-data` parts named `files`; concurrent
+requests are batched together. Every error answers JSON with a human-readable `detail`; a 503
+carries `Retry-After`."""
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, device: Device | None = None) -> FastAPI:
+    """The service for `settings`; `device` defaults to probing onnxruntime (raises DeviceUnavailable)."""
+    device = device or resolve_device(settings.device)
+    log.info("%s", device.reason)
+    metrics = Metrics()
+    registry = Registry(settings, device, metrics)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = Registry(settings)
-        app.state.registry = registry
-        registry.load_all()
-        yield
+        # Decoding runs here, never on the event loop; Pillow releases the GIL while it works.
+        decoder = ThreadPoolExecutor(max_workers=settings.decode_workers or os.cpu_count() or 1, thread_name_prefix="decode")
+        app.state.decoder = decoder
+        # Loading happens before the port opens, off the loop so the lifespan stays responsive.
+        await asyncio.to_thread(registry.load_all)
+        registry.start()
+        watcher = asyncio.create_task(registry.watch(settings.watch_interval_s)) if settings.watch_interval_s > 0 else None
+        ready = sum(m.state == "ready" for m in registry.all())
+        log.info("serving %d of %d model versions from %s", ready, len(registry.all()), settings.repository)
+        try:
+            yield
+        finally:
+            # uvicorn has stopped taking requests and waited for those in flight; queued images finish here.
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await registry.close()
+            decoder.shutdown(wait=True)
 
     app = FastAPI(title="keras-onnx-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
-    app.state.registry = Registry(settings)  # empty until the lifespan loads it
+    app.state.registry = registry
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(protected)
+    # The last added runs first: CORS answers pre-flights and decorates every answer, metrics see
+    # every status (413 included), the size limit sits right in front of the body parser.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(PredictMetrics, metrics=metrics, known_model=lambda name: name in registry.models)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Authorization", "Content-Type"],
+            expose_headers=["Retry-After"],
+        )
     return app

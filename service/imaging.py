@@ -1,9 +1,12 @@
-"""Image bytes to the uint8 HxWxC array a model takes: decode, orient, convert, resize."""
+"""Image bytes to the uint8 HxWxC array a model takes: decode, orient, convert, resize.
+
+Blocking and CPU-bound: the service calls it in a thread pool, never on the event loop (Pillow
+releases the GIL while it decodes and resizes).
+"""
 
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -22,41 +25,49 @@ _RESAMPLE = {
     "hamming": Image.Resampling.HAMMING,
 }
 
+# A JPEG is decoded at 1/2, 1/4 or 1/8 scale only while that keeps at least this many times the
+# model's input size, so the final resize still sees more pixels than it writes.
+DRAFT_MARGIN = 2
+
 
 def _to_mode(image: Image.Image, color_mode: str) -> Image.Image:
-    if image.mode == "P" or image.mode == "LA" or image.mode == "RGBA":
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit greyscale: keep the top 8 bits instead of clipping everything above 255 to white.
+        array = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        image = Image.fromarray(array.astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode in ("P", "PA", "LA", "La", "RGBA", "RGBa") or "transparency" in image.info:
         # Transparent pixels are composited onto white, as a viewer shows them.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    if image.mode.startswith("I;16") or image.mode == "I":
-        # 16-bit greyscale: keep the top 8 bits instead of clipping at 255.
-        array = np.asarray(image, dtype=np.uint32) >> 8
-        image = Image.fromarray(array.astype(np.uint8), mode="L")
+    # CMYK, YCbCr, LAB, HSV, 1, L and RGB all have Pillow conversions to L and RGB.
     return image.convert("L" if color_mode == "grayscale" else "RGB")
 
 
 def decode_image(data: bytes, filename: str, spec: ModelMetadata, max_pixels: int) -> np.ndarray:
     """Decode one upload into a uint8 array of shape (H, W, C) for `spec`; raises a 4xx ServiceError."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.format not in SUPPORTED_FORMATS:
-                raise UnsupportedImage(f"{filename}: {image.format} images are not supported; send one of {', '.join(SUPPORTED_FORMATS)}")
-            if image.width * image.height > max_pixels:
-                raise ImageTooLarge(f"{filename}: {image.width}x{image.height} pixels is more than the limit of {max_pixels}")
-            if image.format == "JPEG":
-                # Decode large JPEGs at a reduced scale when the model input is much smaller.
-                image.draft("L" if spec.color_mode == "grayscale" else "RGB", (spec.width, spec.height))
-            image.seek(0)
-            image.load()
-            image = ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        # open() reads the header only: the size is checked before a single pixel is decoded.
+        image = Image.open(io.BytesIO(data))
+        if image.format not in SUPPORTED_FORMATS:
+            raise UnsupportedImage(f"{filename}: {image.format} images are not supported; send one of {', '.join(SUPPORTED_FORMATS)}")
+        if image.width * image.height > max_pixels:
+            raise ImageTooLarge(f"{filename}: {image.width}x{image.height} pixels is more than the limit of {max_pixels}")
+        if image.format == "JPEG":
+            # Decode large JPEGs at a reduced scale when the model input is much smaller. The longer
+            # side is used for both, so an EXIF rotation afterwards cannot leave a side too small.
+            side = DRAFT_MARGIN * max(spec.width, spec.height)
+            image.draft(None, (side, side))
+        image.seek(0)  # GIF, TIFF, WebP: the first frame
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        image = _to_mode(image, spec.color_mode)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        if isinstance(exc, Image.DecompressionBombError):
             raise ImageTooLarge(f"{filename}: image is too large to decode safely") from exc
         raise UnsupportedImage(f"{filename}: not a readable image ({type(exc).__name__})") from exc
-    image = _to_mode(image, spec.color_mode)
     if image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), resample=_RESAMPLE[spec.resize_method])
     array = np.asarray(image, dtype=np.uint8)

@@ -1,14 +1,16 @@
-"""The logic behind /predict: decode uploads off the event loop, run the model, shape top-k answers."""
+"""The logic behind /predict: decode uploads off the event loop, batch them, shape top-k answers."""
 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
+from .batcher import BatcherClosed
 from .imaging import decode_image
-from .registry import ServedModel
+from .registry import Registry, ServedModel
 from .schemas import ClassScore, Prediction, PredictResponse
 
 
@@ -23,14 +25,21 @@ def top_k_scores(probabilities: np.ndarray, labels: list[str], k: int) -> list[C
     return [ClassScore(label=labels[i], index=int(i), probability=float(probabilities[i])) for i in order]
 
 
-async def predict(served: ServedModel, uploads: list[Upload], top_k: int, max_pixels: int) -> PredictResponse:
-    spec = served.metadata
-    assert spec is not None
-    # Every file is decoded before anything runs, so a bad file fails the request without running the model.
-    images = await asyncio.gather(
-        *(asyncio.to_thread(decode_image, u.data, u.filename, spec, max_pixels) for u in uploads)
-    )
-    probabilities = await asyncio.to_thread(served.run, np.stack(images))
+async def _predict_once(
+    served: ServedModel, uploads: list[Upload], top_k: int, max_pixels: int, deadline: float, decoder: Executor
+) -> PredictResponse:
+    spec, batcher = served.metadata, served.batcher
+    assert spec is not None and batcher is not None
+    loop = asyncio.get_running_loop()
+    announcement = batcher.announce(len(uploads))
+    try:
+        # Every file is decoded before anything is queued, so a bad file fails the request without running the model.
+        images = await asyncio.gather(
+            *(loop.run_in_executor(decoder, decode_image, u.data, u.filename, spec, max_pixels) for u in uploads)
+        )
+        probabilities = await batcher.submit(np.stack(images), deadline, announcement)
+    finally:
+        announcement.withdraw()
     k = min(top_k, len(spec.labels))
     predictions = []
     for upload, row in zip(uploads, probabilities):
@@ -39,3 +48,22 @@ async def predict(served: ServedModel, uploads: list[Upload], top_k: int, max_pi
             Prediction(filename=upload.filename, label=scores[0].label, probability=scores[0].probability, top_k=scores)
         )
     return PredictResponse(model=served.name, version=served.version, predictions=predictions)
+
+
+async def predict(
+    registry: Registry,
+    name: str,
+    version: int | None,
+    uploads: list[Upload],
+    top_k: int,
+    max_pixels: int,
+    deadline: float,
+    decoder: Executor,
+) -> PredictResponse:
+    """Classify `uploads` with the requested model version; raises a ServiceError the client can act on."""
+    served = registry.get(name, version)
+    try:
+        return await _predict_once(served, uploads, top_k, max_pixels, deadline, decoder)
+    except BatcherClosed:
+        # The version was swapped for a newer file while this request was decoding: the new one serves it.
+        return await _predict_once(registry.get(name, version), uploads, top_k, max_pixels, deadline, decoder)

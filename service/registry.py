@@ -1,7 +1,13 @@
-"""The served models: scan the repository, load, check and warm each version, keep its state."""
+"""The served models: scan the repository, load, check and warm each version, keep its state.
+
+Models can be added or replaced while the service runs: `refresh()` (called by `watch()` every
+few seconds) loads a new or changed file beside the version being served, warms it, and only
+then swaps it in; the old version's batcher finishes what it has queued.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,16 +17,19 @@ import numpy as np
 import onnxruntime as ort
 
 from .artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata, list_models, model_path
+from .batcher import Batcher
 from .errors import ModelNotFound, ModelNotReady
-from .runtime import DeviceUnavailable, create_session
+from .metrics import Metrics
+from .runtime import Device, DeviceUnavailable, create_session, pad_size, warmup_batch_sizes
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 State = Literal["loading", "ready", "failed"]
+Fingerprint = tuple[int, int, int]
 
 
-@dataclass
+@dataclass(eq=False)
 class ServedModel:
     name: str
     version: int
@@ -29,6 +38,8 @@ class ServedModel:
     error: str | None = None
     metadata: ModelMetadata | None = None
     session: ort.InferenceSession | None = field(default=None, repr=False)
+    fingerprint: Fingerprint | None = None
+    batcher: Batcher | None = field(default=None, repr=False)
 
     @property
     def providers(self) -> list[str]:
@@ -38,6 +49,15 @@ class ServedModel:
         """Class probabilities for a uint8 NHWC batch; blocking, call it off the event loop."""
         assert self.session is not None
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+
+
+def fingerprint(path: Path) -> Fingerprint | None:
+    """What changes when a model file is written or replaced (export renames a new folder into place)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def check_signature(session: ort.InferenceSession, metadata: ModelMetadata) -> None:
@@ -51,20 +71,27 @@ def check_signature(session: ort.InferenceSession, metadata: ModelMetadata) -> N
         raise ValueError(f"input {INPUT_NAME!r} must be uint8, not {image.type}")
     if len(image.shape) != 4 or tuple(image.shape[1:]) != metadata.input_shape:
         raise ValueError(f"input shape {image.shape} does not match the metadata's [batch, {metadata.height}, {metadata.width}, {metadata.channels}]")
+    if isinstance(image.shape[0], int):
+        raise ValueError(f"input {INPUT_NAME!r} has a fixed batch size {image.shape[0]}; the batcher needs a dynamic one")
     classes = outputs[OUTPUT_NAME].shape[-1]
     if isinstance(classes, int) and classes != len(metadata.labels):
         raise ValueError(f"the graph has {classes} classes but the metadata lists {len(metadata.labels)} labels")
 
 
-def load_model(name: str, version: int, path: Path, settings: Settings) -> ServedModel:
-    """Load, check and warm one model version; a failure is recorded in the returned state."""
-    served = ServedModel(name=name, version=version, path=path)
+def load_model(name: str, version: int, path: Path, settings: Settings, device: Device) -> ServedModel:
+    """Load, check and warm one model version (blocking); a failure is recorded in the returned state."""
+    served = ServedModel(name=name, version=version, path=path, fingerprint=fingerprint(path))
     try:
-        session = create_session(path, settings)
+        session = create_session(path, settings, device)
         metadata = ModelMetadata.from_metadata_props(session.get_modelmeta().custom_metadata_map)
+        if metadata.name != name:
+            log.info("%s: metadata names the model %r; it is served as %r, its folder name", path, metadata.name, name)
         check_signature(session, metadata)
         served.session, served.metadata = session, metadata
-        served.run(np.zeros((1, *metadata.input_shape), dtype=np.uint8))
+        for size in warmup_batch_sizes(settings.max_batch_size, device):
+            probabilities = served.run(np.zeros((size, *metadata.input_shape), dtype=np.uint8))
+            if probabilities.shape != (size, len(metadata.labels)):
+                raise ValueError(f"warm-up on {size} images gave shape {probabilities.shape}, not ({size}, {len(metadata.labels)})")
         served.state = "ready"
         log.info("loaded %s v%d from %s on %s", name, version, path, served.providers)
     except DeviceUnavailable:
@@ -76,20 +103,118 @@ def load_model(name: str, version: int, path: Path, settings: Settings) -> Serve
 
 
 class Registry:
-    """Every model version in the repository, by name and version."""
+    """Every model version in the repository, by name and version, each with its batcher."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, device: Device, metrics: Metrics):
         self.settings = settings
+        self.device = device
+        self.metrics = metrics
         self.models: dict[str, dict[int, ServedModel]] = {}
+        self._missing: dict[tuple[str, int], int] = {}
+        self._refused: dict[tuple[str, int], Fingerprint | None] = {}
+        self._lock = asyncio.Lock()
+
+    def _load(self, name: str, version: int) -> ServedModel:
+        served = load_model(name, version, model_path(self.settings.repository, name, version), self.settings, self.device)
+        self.metrics.model_loads.labels(name, served.state).inc()
+        return served
 
     def load_all(self) -> None:
+        """Load every model version in the repository (blocking; batchers start in `start()`)."""
         repository = self.settings.repository
         if not repository.is_dir():
             log.warning("model repository %s does not exist: no models to serve", repository)
         for name, versions in list_models(repository).items():
-            self.models[name] = {
-                v: load_model(name, v, model_path(repository, name, v), self.settings) for v in versions
-            }
+            self.models[name] = {v: self._load(name, v) for v in versions}
+
+    def start(self) -> None:
+        """Give every ready version its batcher; call from the running event loop."""
+        for served in self.all():
+            self._attach_batcher(served)
+
+    def _attach_batcher(self, served: ServedModel) -> None:
+        if served.state != "ready" or served.batcher is not None:
+            return
+        settings = self.settings
+        max_batch = settings.max_batch_size
+        served.batcher = Batcher(
+            served.run,
+            name=served.name,
+            version=served.version,
+            max_batch_size=max_batch,
+            max_delay_s=settings.max_batch_delay_ms / 1000,
+            queue_size=settings.queue_size,
+            workers=settings.inference_workers,
+            metrics=self.metrics,
+            pad_to=(lambda n: pad_size(n, max_batch)) if self.device.is_cuda else None,
+        )
+        served.batcher.start()
+
+    async def refresh(self) -> list[str]:
+        """Load added or changed model files, swap them in when warm, drop removed ones; what changed."""
+        async with self._lock:
+            found = await asyncio.to_thread(self._scan)
+            changes = []
+            for (name, version), fp in found.items():
+                self._missing.pop((name, version), None)
+                current = self.models.get(name, {}).get(version)
+                if current is not None and current.fingerprint == fp:
+                    continue
+                if (name, version) in self._refused and self._refused[(name, version)] == fp:
+                    continue  # this very file already failed to load beside a working version
+                new = await asyncio.to_thread(self._load, name, version)
+                if new.state != "ready" and current is not None and current.state == "ready":
+                    # Keep serving the working file; the failure is logged and counted in kos_model_loads.
+                    self._refused[(name, version)] = fp
+                    changes.append(f"{name} v{version}: replacement refused ({new.error})")
+                    continue
+                self._refused.pop((name, version), None)
+                self._attach_batcher(new)
+                self.models.setdefault(name, {})[version] = new
+                changes.append(f"{name} v{version}: {'replaced' if current else 'added'} ({new.state})")
+                if current is not None and current.batcher is not None:
+                    await current.batcher.close()  # finishes the images it already holds
+            for name, versions in list(self.models.items()):
+                for version in list(versions):
+                    if (name, version) in found:
+                        continue
+                    # A file is replaced by renaming folders: require two scans in a row without it.
+                    misses = self._missing[(name, version)] = self._missing.get((name, version), 0) + 1
+                    if misses < 2:
+                        continue
+                    gone = versions.pop(version)
+                    self._missing.pop((name, version), None)
+                    changes.append(f"{name} v{version}: removed")
+                    if gone.batcher is not None:
+                        await gone.batcher.close()
+                if not versions:
+                    del self.models[name]
+            for change in changes:
+                log.info("repository change: %s", change)
+            return changes
+
+    def _scan(self) -> dict[tuple[str, int], Fingerprint | None]:
+        repository = self.settings.repository
+        return {
+            (name, v): fingerprint(model_path(repository, name, v))
+            for name, versions in list_models(repository).items()
+            for v in versions
+        }
+
+    async def watch(self, interval_s: float) -> None:
+        """Refresh every `interval_s` seconds until cancelled; a failed scan is logged and retried."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scanning the model repository %s failed", self.settings.repository)
+
+    async def close(self) -> None:
+        """Finish every queued image of every model, then stop the batchers."""
+        await asyncio.gather(*(m.batcher.close() for m in self.all() if m.batcher is not None))
 
     def versions(self, name: str) -> list[ServedModel]:
         """Every version of `name`, ascending, whatever its state; 404 if the name is unknown."""
@@ -99,16 +224,17 @@ class Registry:
         return [self.models[name][v] for v in sorted(self.models[name])]
 
     def get(self, name: str, version: int | None = None) -> ServedModel:
-        """The requested version (default: the highest) ready to run, or a 404/503 ServiceError."""
+        """The requested version, or the highest ready one, ready to run; else a 404/503 ServiceError."""
         versions = {m.version: m for m in self.versions(name)}
         if version is None:
-            version = max(versions)
+            ready = [v for v, m in versions.items() if m.state == "ready"]
+            version = max(ready) if ready else max(versions)
         if version not in versions:
             raise ModelNotFound(f"model {name!r} has no version {version} (versions: {sorted(versions)})")
         served = versions[version]
-        if served.state != "ready":
-            raise ModelNotReady(f"model {name!r} version {version} is {served.state}: {served.error or 'not ready yet'}")
+        if served.state != "ready" or served.batcher is None:
+            raise ModelNotReady(f"model {name!r} version {version} is {served.state}: {served.error or 'not ready yet'}", retry_after=5)
         return served
 
     def all(self) -> list[ServedModel]:
-        return [m for versions in self.models.values() for m in versions.values()]
+        return [m for name in sorted(self.models) for _, m in sorted(self.models[name].items())]

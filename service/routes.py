@@ -2,25 +2,58 @@
 
 from __future__ import annotations
 
+import hmac
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Path, Query, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, File, Path, Query, Request, Security, UploadFile
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from .errors import BadRequest
+from .errors import (
+    BadRequest,
+    DeadlineExceeded,
+    ImageTooLarge,
+    InferenceFailed,
+    ModelNotFound,
+    ModelNotReady,
+    PayloadTooLarge,
+    QueueFull,
+    Unauthorized,
+    UnsupportedImage,
+    error_responses,
+)
 from .inference import Upload, predict
+from .metrics import CONTENT_TYPE
+from .middleware import ARRIVAL_KEY
 from .registry import Registry, ServedModel
-from .schemas import ErrorResponse, HealthResponse, ModelHealth, ModelInfo, ModelsResponse, PredictResponse
+from .schemas import DeviceInfo, HealthResponse, ModelHealth, ModelInfo, ModelsResponse, PredictResponse
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="Needed only when the service has an API key.")
+_bearer = HTTPBearer(auto_error=False, description="The API key as a Bearer token, instead of X-API-Key.")
+
+
+async def require_api_key(
+    request: Request,
+    key: Annotated[str | None, Security(_api_key_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> None:
+    """Refuse the request with 401 when an API key is configured and not given."""
+    expected = request.app.state.settings.api_key
+    if not expected:
+        return
+    given = key or (bearer.credentials if bearer else None)
+    # Constant-time comparison: the answer's timing must not reveal how much of the key matched.
+    if given is None or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized("missing or wrong API key: send it in the X-API-Key header or as a Bearer token")
+
 
 router = APIRouter()
+protected = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 def _registry(request: Request) -> Registry:
     return request.app.state.registry
-
-
-def _error(description: str) -> dict:
-    return {"model": ErrorResponse, "description": description}
 
 
 def _info(m: ServedModel) -> ModelInfo:
@@ -41,59 +74,85 @@ def _info(m: ServedModel) -> ModelInfo:
     )
 
 
-@router.post(
+@protected.post(
     "/predict/{model}",
     response_model=PredictResponse,
     summary="Classify one or more images",
-    responses={
-        404: _error("Unknown model or version."),
-        413: _error("Image too large."),
-        415: _error("A file is not a supported image; the detail names it."),
-        422: _error("Malformed request: no files, bad top_k."),
-        503: _error("Model not ready; retry after the Retry-After header."),
-    },
+    description="Images are decoded, resized as in training, and batched with other requests' images. "
+    "`predictions` follow the order of the uploaded files.",
+    responses=error_responses(
+        Unauthorized,
+        ModelNotFound,
+        PayloadTooLarge,
+        ImageTooLarge,
+        UnsupportedImage,
+        BadRequest,
+        QueueFull,
+        ModelNotReady,
+        DeadlineExceeded,
+        InferenceFailed,
+    ),
 )
 async def predict_route(
     request: Request,
     model: Annotated[str, Path(description="Served model name.", examples=["digits"])],
     files: Annotated[list[UploadFile], File(description="Images: JPEG, PNG, WebP, BMP, GIF (first frame), TIFF.")],
     top_k: Annotated[int, Query(ge=1, description="How many classes to return per image (capped at the number of classes).")] = 5,
-    version: Annotated[int | None, Query(ge=1, description="Model version; the highest when left out.")] = None,
+    version: Annotated[int | None, Query(ge=1, description="Model version; the highest ready one when left out.")] = None,
 ) -> PredictResponse:
     settings = request.app.state.settings
-    served = _registry(request).get(model, version)
     if len(files) > settings.max_files_per_request:
         raise BadRequest(f"{len(files)} files is more than the limit of {settings.max_files_per_request} per request")
     uploads = [Upload(filename=f.filename or f"file{i}", data=await f.read()) for i, f in enumerate(files)]
-    return await predict(served, uploads, top_k, settings.max_image_pixels)
+    deadline = request.scope.get(ARRIVAL_KEY, time.monotonic()) + settings.request_timeout_s
+    return await predict(
+        _registry(request), model, version, uploads, top_k, settings.max_image_pixels, deadline, request.app.state.decoder
+    )
 
 
 @router.get(
     "/health",
     response_model=HealthResponse,
     summary="Ready when every model is loaded and warmed",
-    responses={503: {"model": HealthResponse, "description": "A model is not ready (or none is served)."}},
+    responses={503: {"model": HealthResponse, "description": "A model is loading or failed to load, or none is served."}},
 )
 async def health(request: Request) -> JSONResponse:
-    models = _registry(request).all()
+    registry = _registry(request)
+    models = registry.all()
     ready = bool(models) and all(m.state == "ready" for m in models)
     body = HealthResponse(
         status="ready" if ready else "unavailable",
+        device=DeviceInfo(providers=list(registry.device.providers), reason=registry.device.reason),
         models=[ModelHealth(name=m.name, version=m.version, state=m.state, providers=m.providers, error=m.error) for m in models],
     )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/models", response_model=ModelsResponse, summary="Every served model and version")
+@protected.get(
+    "/models",
+    response_model=ModelsResponse,
+    summary="Every served model and version",
+    responses=error_responses(Unauthorized),
+)
 async def list_models(request: Request) -> ModelsResponse:
     return ModelsResponse(models=[_info(m) for m in _registry(request).all()])
 
 
-@router.get(
+@protected.get(
     "/models/{model}",
     response_model=ModelsResponse,
     summary="The versions of one model",
-    responses={404: _error("Unknown model.")},
+    responses=error_responses(Unauthorized, ModelNotFound),
 )
-async def get_model(request: Request, model: str) -> ModelsResponse:
+async def get_model(request: Request, model: Annotated[str, Path(description="Served model name.", examples=["digits"])]) -> ModelsResponse:
     return ModelsResponse(models=[_info(m) for m in _registry(request).versions(model)])
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE: {"example": "kos_requests_total{model=\"digits\",status=\"200\"} 42.0"}}}},
+)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

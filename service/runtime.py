@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from .settings import Settings
@@ -14,38 +16,91 @@ log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
+# A one-node ONNX graph (y = Relu(x), float[1], opset 13), small enough to keep inline: it shows
+# whether CUDA really starts before any model is loaded. onnxruntime-gpu lists the CUDA provider
+# even where the CUDA libraries are missing, and silently falls back to CPU when creating a session.
+_PROBE_MODEL = bytes.fromhex(
+    "08083a370a0c0a0178120179220452656c75120570726f62655a0f0a0178120a0a08080112040a020801620f0a0179"
+    "120a0a08080112040a02080142040a00100d"
+)
+
 
 class DeviceUnavailable(RuntimeError):
     """The settings demand CUDA and onnxruntime cannot give it."""
 
 
-def requested_providers(device: str) -> list[str]:
-    if device == "cpu":
-        return [CPU]
+@dataclass(frozen=True)
+class Device:
+    """The providers every session is created with, decided once at start-up."""
+
+    providers: tuple[str, ...]
+    reason: str
+
+    @property
+    def is_cuda(self) -> bool:
+        return CUDA in self.providers
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA cannot run here, or None when a session really runs on it."""
     if CUDA not in ort.get_available_providers():
-        if device == "cuda":
-            raise DeviceUnavailable(
-                "device=cuda but this onnxruntime build has no CUDAExecutionProvider: install onnxruntime-gpu"
-            )
-        return [CPU]
-    return [CUDA, CPU]
+        return "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the fall-back warning is ours to report, once, in plain words
+    try:
+        session = ort.InferenceSession(_PROBE_MODEL, sess_options=options, providers=[CUDA, CPU])
+        if CUDA not in session.get_providers():
+            return "onnxruntime could not start CUDA (check the NVIDIA driver and the CUDA and cuDNN libraries)"
+        session.run(None, {"x": np.ones(1, dtype=np.float32)})
+    except Exception as exc:  # a broken driver shows up here rather than in the first request
+        return f"CUDA failed a test run: {type(exc).__name__}: {exc}"
+    return None
 
 
-def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
-    """A session on the requested device; raises DeviceUnavailable if device=cuda silently fell back."""
+def resolve_device(device: str) -> Device:
+    """The providers for `device`: `cuda` raises DeviceUnavailable without a working CUDA, `auto` falls back to CPU."""
+    if device == "cpu":
+        return Device((CPU,), "device=cpu")
+    problem = cuda_problem()
+    if problem is None:
+        return Device((CUDA, CPU), f"device={device}: CUDA works")
+    if device == "cuda":
+        raise DeviceUnavailable(f"device=cuda but {problem}")
+    return Device((CPU,), f"device=auto: serving on CPU because {problem}")
+
+
+def create_session(path: Path, settings: Settings, device: Device) -> ort.InferenceSession:
+    """A session on `device`; raises DeviceUnavailable if a CUDA session silently fell back to CPU."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.intra_op_threads
     options.inter_op_num_threads = settings.inter_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # onnxruntime logs a loud warning when CUDA libraries are missing; the fall-back is reported in /health.
+    # onnxruntime logs a loud warning when CUDA libraries are missing; the device is reported in /health.
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=options, providers=requested_providers(settings.device))
+    session = ort.InferenceSession(str(path), sess_options=options, providers=list(device.providers))
     got = session.get_providers()
-    if settings.device == "cuda" and CUDA not in got:
-        raise DeviceUnavailable(
-            f"device=cuda but onnxruntime could not start CUDA for {path} (got {got}); "
-            "check the NVIDIA driver, CUDA and cuDNN libraries"
-        )
-    if settings.device == "auto" and CUDA not in got:
-        log.info("serving %s on CPU: CUDA is not available here", path)
+    if device.is_cuda and CUDA not in got:
+        raise DeviceUnavailable(f"onnxruntime could not start CUDA for {path} (got {got})")
     return session
+
+
+def warmup_batch_sizes(max_batch_size: int, device: Device) -> list[int]:
+    """Batch sizes to run once before serving.
+
+    On CUDA every new input shape triggers a slow kernel search, so batches are padded to powers
+    of two (and the maximum) and each of those is warmed. On CPU the largest batch sizes the
+    memory arena and the smallest is the common case at low load.
+    """
+    if device.is_cuda:
+        return padded_sizes(max_batch_size)
+    return sorted({1, max_batch_size})
+
+
+def padded_sizes(max_batch_size: int) -> list[int]:
+    sizes = {2**i for i in range(max_batch_size.bit_length()) if 2**i <= max_batch_size}
+    return sorted(sizes | {max_batch_size})
+
+
+def pad_size(size: int, max_batch_size: int) -> int:
+    """The smallest warmed batch size that holds `size` images."""
+    return next(s for s in padded_sizes(max_batch_size) if s >= size)

@@ -36,8 +36,16 @@ class ModelHealth(BaseModel):
     error: str | None = None
 
 
+class DeviceInfo(BaseModel):
+    providers: list[str] = Field(
+        description="Providers every session is created with.", examples=[["CPUExecutionProvider"]]
+    )
+    reason: str = Field(description="Why this device was chosen.", examples=["device=auto: serving on CPU because ..."])
+
+
 class HealthResponse(BaseModel):
     status: Literal["ready", "unavailable"]
+    device: DeviceInfo
     models: list[ModelHealth]
 
 
@@ -61,4 +69,4 @@ class ModelsResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    detail: str = Field(examples=["model 'cats' is not served (served models: digits)"])
+    detail: str = Field(description="What went wrong, in words.", examples=["model 'cats' is not served (served models: digits)"])

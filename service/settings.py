@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "KOS_"
@@ -22,8 +22,43 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA when it really works, else CPU; cuda: refuse to start without CUDA; cpu."
     )
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Most images the batcher runs in one onnxruntime call.")
+    max_batch_delay_ms: float = Field(
+        5.0, ge=0, le=10_000, description="Longest wait after a batch's first image for more images, while more are on their way."
+    )
+    queue_size: int = Field(512, ge=1, description="Most images waiting per model version; beyond it requests get 503.")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline from a request's arrival to its batch starting; past it the request gets 504."
+    )
+    max_upload_bytes: int = Field(
+        50 * 1024 * 1024, ge=1, description="Largest request body, counted while it is read; beyond it the request gets 413."
+    )
+    max_files_per_request: int = Field(64, ge=1, description="Most image parts one request may carry.")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height) decoded; checked before decoding.")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session (0: onnxruntime decides).")
     inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads per session (0: onnxruntime decides).")
-    max_files_per_request: int = Field(64, ge=1, description="Most image parts one request may carry.")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image (width x height) accepted.")
+    inference_workers: int = Field(1, ge=1, le=64, description="Batches one model version runs at the same time.")
+    decode_workers: int = Field(0, ge=0, le=256, description="Threads that decode and resize uploads (0: one per CPU core).")
+    api_key: str | None = Field(
+        None, description="When set, /predict and /models need it in the X-API-Key header (or Authorization: Bearer)."
+    )
+    cors_origins: str = Field("", description="Comma-separated origins allowed by CORS, '*' for any; empty: CORS off.")
+    watch_interval_s: float = Field(
+        2.0, ge=0, description="How often the repository is scanned for added or replaced models (0: never)."
+    )
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="Longest wait for in-flight requests on shutdown.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per line.")
+
+    @model_validator(mode="after")
+    def _a_full_request_fits_the_queue(self) -> "Settings":
+        # A request is queued whole or not at all, so one that can never fit would get 503 forever.
+        if self.max_files_per_request > self.queue_size:
+            raise ValueError(
+                f"max_files_per_request ({self.max_files_per_request}) must not exceed queue_size ({self.queue_size})"
+            )
+        return self
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

@@ -1,0 +1,40 @@
+"""Prometheus metrics, defined once per app in their own registry (no process-wide globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Latencies from 0.5 ms to about 30 s; batch sizes as powers of two (1, 2, 4, ... 4096).
+_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH = tuple(float(2**i) for i in range(13))
+
+
+class Metrics:
+    """Every metric the service exports; `render()` gives the Prometheus text format."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("kos_requests", "Prediction requests answered, by model and HTTP status.", ["model", "status"], registry=r)
+        self.request_latency = Histogram(
+            "kos_request_latency_seconds", "Prediction request latency, arrival to answer.", ["model"], buckets=_SECONDS, registry=r
+        )
+        self.in_progress = Gauge("kos_requests_in_progress", "Prediction requests being handled now.", registry=r)
+        self.images = Counter("kos_images", "Images classified, by model.", ["model"], registry=r)
+        self.batch_size = Histogram("kos_batch_size", "Images per onnxruntime run.", ["model"], buckets=_BATCH, registry=r)
+        self.queue_wait = Histogram(
+            "kos_queue_wait_seconds", "Time an image waited in the queue before its batch started.", ["model"], buckets=_SECONDS, registry=r
+        )
+        self.inference = Histogram(
+            "kos_inference_seconds", "onnxruntime time per batch.", ["model"], buckets=_SECONDS, registry=r
+        )
+        self.queue_depth = Gauge("kos_queue_depth", "Images waiting in a model version's queue.", ["model", "version"], registry=r)
+        self.batch_failures = Counter("kos_batch_failures", "Batches whose inference raised.", ["model"], registry=r)
+        self.expired = Counter("kos_deadline_expired_images", "Images dropped unrun because their deadline passed.", ["model"], registry=r)
+        self.model_loads = Counter("kos_model_loads", "Model version loads, by outcome.", ["model", "outcome"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
