@@ -1,0 +1,177 @@
+"""The batcher on its own, in-process, with a request factory over a real onnxruntime session."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.artifact import model_path
+from service.batcher import Batcher, BatcherClosed
+from service.errors import DeadlineExceeded, InferenceFailed, QueueFull
+from service.metrics import Metrics
+from tests.conftest import BUNDLED_REPOSITORY
+from tests.service.conftest import metric_value
+
+
+class DigitsRun:
+    """The bundled digits model as a batch function that records the batches it ran and can be slowed or gated."""
+
+    def __init__(self, model_file, delay_s: float = 0.0):
+        self.session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+        self.delay_s = delay_s
+        self.batches: list[np.ndarray] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.gate.wait(timeout=30)
+        time.sleep(self.delay_s)
+        self.batches.append(images.copy())
+        if (images == 255).all(axis=(1, 2, 3)).any():
+            raise RuntimeError("all-white image: this batch fails on purpose")
+        return self.session.run(["probabilities"], {"image": images})[0]
+
+
+@pytest.fixture
+def digits_run() -> DigitsRun:
+    return DigitsRun(model_path(BUNDLED_REPOSITORY, "digits", 1))
+
+
+@pytest.fixture
+async def make_batcher() -> Callable[..., Batcher]:
+    created: list[Batcher] = []
+
+    def make(run: Callable, **options) -> Batcher:
+        settings = dict(name="digits", version=1, max_batch_size=8, max_delay_s=0.05, queue_size=64, metrics=Metrics())
+        batcher = Batcher(run, **{**settings, **options})
+        batcher.start()
+        created.append(batcher)
+        return batcher
+
+    yield make
+    for batcher in created:
+        await batcher.close()  # already-closed ones return at once
+
+
+def images(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 200, (count, 8, 8, 1), dtype=np.uint8)
+
+
+def later(seconds: float) -> float:
+    return time.monotonic() + seconds
+
+
+async def test_concurrent_requests_share_batches_and_each_gets_its_own_rows(make_batcher, digits_run):
+    batcher = make_batcher(digits_run)
+    requests = [images(1 + i % 3, seed=i) for i in range(12)]
+    for b in requests:
+        batcher.announce(len(b))  # all of them are "decoding" when the first arrives
+    results = await asyncio.gather(*(batcher.submit(b, later(10)) for b in requests))
+    expected = digits_run.session.run(["probabilities"], {"image": np.concatenate(requests)})[0]
+    np.testing.assert_allclose(np.concatenate(results), expected, atol=1e-5)
+    sizes = [len(b) for b in digits_run.batches]
+    assert sum(sizes) == sum(len(b) for b in requests)
+    assert max(sizes) == 8, f"batches were {sizes}"
+
+
+async def test_a_request_with_more_images_than_a_batch_spans_batches_in_order(make_batcher, digits_run):
+    batcher = make_batcher(digits_run, max_batch_size=4)
+    many = images(11)
+    result = await batcher.submit(many, later(10))
+    np.testing.assert_allclose(result, digits_run.session.run(["probabilities"], {"image": many})[0], atol=1e-5)
+    assert [len(b) for b in digits_run.batches] == [4, 4, 3]
+
+
+async def test_a_lone_request_runs_at_once_without_waiting_for_the_batch_delay(make_batcher, digits_run):
+    batcher = make_batcher(digits_run, max_delay_s=5.0)
+    started = time.monotonic()
+    await batcher.submit(images(1), later(10))
+    assert time.monotonic() - started < 2.5, "nothing else was announced, so the batcher must not wait out its delay"
+
+
+async def test_the_batch_closes_at_the_delay_when_announced_images_do_not_come(make_batcher, digits_run):
+    batcher = make_batcher(digits_run, max_delay_s=0.3)
+    announcement = batcher.announce(5)  # five images "decoding" that never arrive
+    started = time.monotonic()
+    await batcher.submit(images(1), later(10))
+    waited = time.monotonic() - started
+    announcement.withdraw()
+    assert 0.25 <= waited < 5, waited
+
+
+async def test_full_queue_refuses_at_once_with_retry_after(make_batcher, digits_run):
+    digits_run.gate.clear()  # the first batch blocks, so everything after it waits in the queue
+    batcher = make_batcher(digits_run, max_batch_size=1, queue_size=3)
+    first = asyncio.ensure_future(batcher.submit(images(1), later(30)))
+    await asyncio.sleep(0.2)
+    queued = asyncio.ensure_future(batcher.submit(images(3), later(30)))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(QueueFull) as refused:
+        await batcher.submit(images(1), later(30))
+    assert time.monotonic() - started < 0.5
+    assert int(refused.value.headers["Retry-After"]) >= 1
+    digits_run.gate.set()
+    assert len(await first) == 1 and len(await queued) == 3
+
+
+async def test_images_whose_deadline_passed_are_answered_504_and_never_run(make_batcher, digits_run):
+    digits_run.gate.clear()
+    batcher = make_batcher(digits_run, max_batch_size=1)
+    blocker = asyncio.ensure_future(batcher.submit(images(1, seed=1), later(30)))
+    await asyncio.sleep(0.2)
+    late = images(2, seed=2)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(late, later(0.3))
+    assert time.monotonic() - started < 5, "the 504 comes at the deadline, not after the blocking batch"
+    digits_run.gate.set()
+    await blocker
+    await batcher.submit(images(1, seed=3), later(10))  # the batcher goes on
+    ran = np.concatenate(digits_run.batches)
+    assert not any((batch == image).all(axis=(1, 2, 3)).any() for image in late for batch in digits_run.batches), "an expired image was run"
+
+
+async def test_an_exception_fails_only_its_own_batch_and_the_batcher_goes_on(make_batcher, digits_run):
+    batcher = make_batcher(digits_run, max_batch_size=2, max_delay_s=0.0)
+    white = np.full((1, 8, 8, 1), 255, dtype=np.uint8)
+    with pytest.raises(InferenceFailed) as failed:
+        await batcher.submit(white, later(10))
+    assert "RuntimeError" not in failed.value.detail and "all-white" not in failed.value.detail
+    good = images(3)
+    np.testing.assert_allclose(
+        await batcher.submit(good, later(10)), digits_run.session.run(["probabilities"], {"image": good})[0], atol=1e-5
+    )
+    assert metric_value(batcher._metrics.render().decode(), "kos_batch_failures_total") == 1
+
+
+async def test_close_finishes_every_queued_image_then_refuses_new_work(make_batcher, digits_run):
+    digits_run.delay_s = 0.05
+    batcher = make_batcher(digits_run, max_batch_size=2)
+    pending = [asyncio.ensure_future(batcher.submit(images(1, seed=i), later(30))) for i in range(7)]
+    await asyncio.sleep(0.01)
+    await batcher.close()
+    assert all(p.done() and len(p.result()) == 1 for p in pending)
+    with pytest.raises(BatcherClosed):
+        await batcher.submit(images(1), later(10))
+
+
+async def test_a_cancelled_request_is_not_run(make_batcher, digits_run):
+    digits_run.gate.clear()
+    batcher = make_batcher(digits_run, max_batch_size=1)
+    blocker = asyncio.ensure_future(batcher.submit(images(1, seed=1), later(30)))
+    await asyncio.sleep(0.2)
+    gone = images(1, seed=9)
+    abandoned = asyncio.ensure_future(batcher.submit(gone, later(30)))
+    await asyncio.sleep(0.05)
+    abandoned.cancel()
+    digits_run.gate.set()
+    await blocker
+    await batcher.submit(images(1, seed=3), later(10))
+    assert not any((batch == gone).all(axis=(1, 2, 3)).any() for batch in digits_run.batches)

@@ -1,0 +1,148 @@
+"""Decoding uploads: every format and colour mode, EXIF orientation, JPEG draft mode, bomb refusal."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.artifact import ModelMetadata
+from service.errors import ImageTooLarge, UnsupportedImage
+from service.imaging import decode_image
+
+RGB32 = ModelMetadata(name="rgb", labels=["a", "b"], height=32, width=32, channels=3, color_mode="rgb", architecture="t", dataset="t")
+GREY8 = ModelMetadata(name="g", labels=["a", "b"], height=8, width=8, channels=1, color_mode="grayscale", architecture="t", dataset="t")
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def base_rgb(size: tuple[int, int] = (40, 30)) -> Image.Image:
+    """A picture whose halves differ, so orientation and channels matter."""
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    array[:, : size[0] // 2, 0] = 250
+    return Image.fromarray(array, mode="RGB")
+
+
+def reference(image: Image.Image, spec: ModelMetadata) -> np.ndarray:
+    """What training sees: Keras-style convert then bilinear resize, no aspect preservation."""
+    converted = image.convert("L" if spec.color_mode == "grayscale" else "RGB").resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    array = np.asarray(converted)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+@pytest.mark.parametrize("fmt, options", [("PNG", {}), ("BMP", {}), ("TIFF", {}), ("WEBP", {"lossless": True}), ("JPEG", {"quality": 95})])
+def test_every_format_decodes_to_what_training_would_see(fmt, options):
+    data = encode(base_rgb(), fmt, **options)
+    got = decode_image(data, f"x.{fmt.lower()}", RGB32, 10**7)
+    expected = reference(Image.open(io.BytesIO(data)), RGB32)
+    assert got.shape == (32, 32, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_an_animated_gif_is_read_from_its_first_frame():
+    first = base_rgb().quantize(64)
+    second = Image.new("RGB", first.size, (0, 0, 255)).quantize(64)
+    data = encode(first, "GIF", save_all=True, append_images=[second])
+    got = decode_image(data, "anim.gif", RGB32, 10**7)
+    np.testing.assert_array_equal(got, reference(first, RGB32))
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "RGB", "CMYK"])
+def test_opaque_colour_modes_convert_like_training(mode):
+    image = base_rgb().convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    data = encode(image, fmt)
+    expected = reference(Image.open(io.BytesIO(data)), RGB32)
+    np.testing.assert_array_equal(decode_image(data, "x", RGB32, 10**7), expected)
+    np.testing.assert_array_equal(decode_image(data, "x", GREY8, 10**7), reference(Image.open(io.BytesIO(data)), GREY8))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_composited_onto_white(mode):
+    array = np.zeros((32, 32, 4), dtype=np.uint8)
+    array[:, :16] = (200, 0, 0, 255)  # left: opaque red
+    array[:, 16:] = (0, 0, 0, 0)  # right: fully transparent black
+    image = Image.fromarray(array, mode="RGBA")
+    if mode == "LA":
+        image = image.convert("LA")
+    elif mode == "P":
+        image = image.convert("RGB").quantize(4)
+        image.info["transparency"] = image.getpixel((20, 0))
+    data = encode(image, "PNG")
+    got = decode_image(data, "alpha.png", RGB32, 10**7)
+    assert (got[:, 20:] == 255).all(), "transparent pixels must come out white, not black"
+    assert got[:, :10].mean() < 200
+
+
+def test_16_bit_greyscale_keeps_its_top_8_bits():
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024).astype(np.uint16)
+    image = Image.fromarray(ramp)
+    assert image.mode.startswith("I;16")
+    got = decode_image(encode(image, "PNG"), "deep.png", GREY8, 10**7)
+    np.testing.assert_array_equal(got[:, :, 0], (ramp >> 8).astype(np.uint8))
+
+
+def test_exif_orientation_is_applied():
+    picture = base_rgb((40, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to display
+    data = encode(picture, "PNG", exif=exif)
+    got = decode_image(data, "phone.png", RGB32, 10**7)
+    upright = picture.transpose(Image.Transpose.ROTATE_270)
+    np.testing.assert_array_equal(got, reference(upright, RGB32))
+    assert not np.array_equal(got, reference(picture, RGB32))
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_close_to_a_full_decode():
+    big = Image.fromarray(np.kron(np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8), np.ones((100, 100, 1), dtype=np.uint8)))
+    data = encode(big, "JPEG", quality=90)  # 4000x3000
+    started = time.perf_counter()
+    got = decode_image(data, "photo.jpg", RGB32, 10**8)
+    draft_time = time.perf_counter() - started
+    started = time.perf_counter()
+    full = reference(Image.open(io.BytesIO(data)), RGB32)
+    full_time = time.perf_counter() - started
+    assert np.abs(got.astype(int) - full.astype(int)).mean() < 4
+    draft = Image.open(io.BytesIO(data))
+    draft.draft(None, (64, 64))
+    assert draft.size == (500, 375), "Pillow's draft mode decodes this JPEG at 1/8 scale"
+    assert draft_time < full_time, (draft_time, full_time)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims a huge size: decoding it would need width*height bytes."""
+    data = encode(Image.new("L", (4, 4)), "PNG")
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + header
+    return data[:8] + struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_before_decoding():
+    bomb = _png_claiming(60_000, 60_000)  # 3.6 gigapixels in a few dozen bytes
+    assert len(bomb) < 200
+    with pytest.raises(ImageTooLarge, match="bomb.png"):
+        decode_image(bomb, "bomb.png", GREY8, 40_000_000)
+    with pytest.raises(ImageTooLarge, match="2000x1000 pixels is more than the limit of 1000000"):
+        decode_image(_png_claiming(2000, 1000), "wide.png", GREY8, 1_000_000)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image", encode(base_rgb(), "PNG")[:60]])
+def test_unreadable_files_are_415_naming_the_file(data):
+    with pytest.raises(UnsupportedImage, match="upload.bin"):
+        decode_image(data, "upload.bin", RGB32, 10**7)
+
+
+def test_a_readable_but_unsupported_format_is_415():
+    data = encode(base_rgb(), "PPM")
+    with pytest.raises(UnsupportedImage, match="PPM images are not supported"):
+        decode_image(data, "x.ppm", RGB32, 10**7)
