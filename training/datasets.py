@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from .errors import TrainingError
 
 
 @dataclass
@@ -22,10 +27,15 @@ class Dataset:
     test: Split
     color_mode: str  # "grayscale" or "rgb"
     resize_method: str = "bilinear"
+    source: str = ""  # where the images came from: a package, a download, a folder path
+    skipped: list[str] = field(default_factory=list)  # files of an image folder that would not decode
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+
+    def split_sizes(self) -> dict[str, int]:
+        return {"train": len(self.train.y), "validation": len(self.validation.y), "test": len(self.test.y)}
 
 
 def stratified_split(
@@ -34,6 +44,8 @@ def stratified_split(
     """Reproducible stratified train / validation / test split."""
     from sklearn.model_selection import train_test_split
 
+    _check_fractions(validation, test)
+    _check_class_sizes(y, needed=_least_per_class(validation, test))
     x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=test, stratify=y, random_state=seed)
     x_train, x_val, y_train, y_val = train_test_split(
         x_rest, y_rest, test_size=validation / (1 - test), stratify=y_rest, random_state=seed
@@ -41,7 +53,32 @@ def stratified_split(
     return Split(x_train, y_train), Split(x_val, y_val), Split(x_test, y_test)
 
 
-def load_digits(seed: int = 0, validation: float = 0.15, test: float = 0.15) -> Dataset:
+def _check_fractions(validation: float, test: float) -> None:
+    if not (0 < validation < 1 and 0 < test < 1 and validation + test < 1):
+        raise TrainingError(
+            f"validation ({validation}) and test ({test}) fractions must each lie between 0 and 1 and leave images to train on"
+        )
+
+
+def _least_per_class(validation: float, test: float) -> int:
+    # A stratified split puts at least one image of every class in each part: three at the very least,
+    # more when a part's fraction is small.
+    return max(3, int(np.ceil(1 / min(validation, test, 1 - validation - test))))
+
+
+def _check_class_sizes(y: np.ndarray, needed: int, labels: list[str] | None = None) -> None:
+    counts = Counter(int(v) for v in y)
+    short = {k: n for k, n in sorted(counts.items()) if n < needed}
+    if short:
+        name = (lambda k: labels[k]) if labels else str
+        listed = ", ".join(f"{name(k)!r} has {n}" for k, n in short.items())
+        raise TrainingError(
+            f"too few images for a stratified train/validation/test split: {listed}; "
+            f"each class needs at least {needed} with these split fractions"
+        )
+
+
+def load_digits(seed: int = 0, validation: float = 0.15, test: float = 0.15, **_: object) -> Dataset:
     """scikit-learn's 8x8 handwritten digits (1,797 images, ships with the package, works offline)."""
     from sklearn.datasets import load_digits as sk_load_digits
 
@@ -50,13 +87,142 @@ def load_digits(seed: int = 0, validation: float = 0.15, test: float = 0.15) -> 
     x = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     y = digits.target.astype(np.int64)
     train, val, test_split = stratified_split(x, y, validation, test, seed)
-    return Dataset("digits", [str(i) for i in range(10)], train, val, test_split, color_mode="grayscale")
+    return Dataset(
+        "digits", [str(i) for i in range(10)], train, val, test_split, color_mode="grayscale", source="scikit-learn"
+    )
 
 
-LOADERS = {"digits": load_digits}
+FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR100_LABELS = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
+camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin
+elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man
+maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain
+plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake
+spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip
+turtle wardrobe whale willow_tree wolf woman worm""".split()
 
 
-def load_dataset(name: str, seed: int = 0) -> Dataset:
+def _keras_dataset(name: str, labels: list[str], color_mode: str, fetch: Callable[[], tuple]) -> Callable[..., Dataset]:
+    def load(seed: int = 0, validation: float = 0.1, **_: object) -> Dataset:
+        try:
+            (x_train, y_train), (x_test, y_test) = fetch()
+        except Exception as exc:  # noqa: BLE001 - keras raises a bare Exception when the download fails
+            raise TrainingError(
+                f"could not load {name} through keras.datasets ({exc}); it downloads once into ~/.keras/datasets. "
+                "Without internet, train on `--dataset digits` or on an image folder (`--dataset path/to/folder`)"
+            ) from exc
+        x_train, x_test = (_as_nhwc(x) for x in (x_train, x_test))
+        y_train, y_test = (np.asarray(y, dtype=np.int64).reshape(-1) for y in (y_train, y_test))
+        # The official test set stays the test set; validation is a stratified slice of training.
+        from sklearn.model_selection import train_test_split
+
+        if not 0 < validation < 1:
+            raise TrainingError(f"the validation fraction must lie between 0 and 1, not {validation}")
+        x_tr, x_val, y_tr, y_val = train_test_split(x_train, y_train, test_size=validation, stratify=y_train, random_state=seed)
+        return Dataset(
+            name, labels, Split(x_tr, y_tr), Split(x_val, y_val), Split(x_test, y_test), color_mode=color_mode,
+            source=f"keras.datasets.{name}",
+        )
+
+    load.__doc__ = f"keras.datasets.{name}: official test set, validation split from training."
+    return load
+
+
+def _as_nhwc(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.uint8)
+    return x[..., None] if x.ndim == 3 else x
+
+
+def _fetch(module: str, **kwargs: object) -> Callable[[], tuple]:
+    def fetch() -> tuple:
+        import keras
+
+        return getattr(keras.datasets, module).load_data(**kwargs)
+
+    return fetch
+
+
+def load_image_folder(
+    root: Path,
+    image_size: tuple[int, int],
+    color_mode: str = "rgb",
+    seed: int = 0,
+    validation: float = 0.15,
+    test: float = 0.15,
+    progress: bool = True,
+    **_: object,
+) -> Dataset:
+    """An image folder with one sub-folder per class, split stratified and reproducibly by `seed`."""
+    from .imagefolder import load_folder
+
+    _check_fractions(validation, test)
+    images = load_folder(Path(root), image_size, color_mode, progress=progress)
+    _check_class_sizes(images.y, _least_per_class(validation, test), images.labels)
+    train, val, test_split = stratified_split(images.x, images.y, validation, test, seed)
+    return Dataset(
+        Path(root).resolve().name, images.labels, train, val, test_split, color_mode=color_mode,
+        source=str(Path(root).resolve()), skipped=images.skipped,
+    )
+
+
+LOADERS: dict[str, Callable[..., Dataset]] = {
+    "digits": load_digits,
+    "mnist": _keras_dataset("mnist", [str(i) for i in range(10)], "grayscale", _fetch("mnist")),
+    "fashion_mnist": _keras_dataset("fashion_mnist", FASHION_MNIST_LABELS, "grayscale", _fetch("fashion_mnist")),
+    "cifar10": _keras_dataset("cifar10", CIFAR10_LABELS, "rgb", _fetch("cifar10")),
+    "cifar100": _keras_dataset("cifar100", CIFAR100_LABELS, "rgb", _fetch("cifar100", label_mode="fine")),
+}
+
+
+def is_image_folder(name: str) -> bool:
+    """Whether `--dataset` names a folder on disk rather than a built-in data set."""
+    return name not in LOADERS and (Path(name).is_dir() or "/" in name or name.startswith("."))
+
+
+def load_dataset(
+    name: str,
+    seed: int = 0,
+    image_size: tuple[int, int] | None = None,
+    color_mode: str | None = None,
+    validation: float | None = None,
+    test: float | None = None,
+    progress: bool = True,
+) -> Dataset:
+    """A built-in data set by name, or an image folder by path."""
+    fractions = {k: v for k, v in (("validation", validation), ("test", test)) if v is not None}
+    if is_image_folder(name):
+        if image_size is None:
+            raise TrainingError("an image folder needs an image size (`--image-size HxW`)")
+        return load_image_folder(Path(name), image_size, color_mode or "rgb", seed=seed, progress=progress, **fractions)
     if name not in LOADERS:
-        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(sorted(LOADERS))}")
-    return LOADERS[name](seed=seed)
+        raise TrainingError(f"unknown data set {name!r}; choose one of {', '.join(sorted(LOADERS))}, or give a path to an image folder")
+    data = LOADERS[name](seed=seed, **fractions)
+    return _adapt(data, image_size, color_mode)
+
+
+def _adapt(data: Dataset, image_size: tuple[int, int] | None, color_mode: str | None) -> Dataset:
+    """Resize or recolour a built-in data set when a model asks for another input (MNIST into a 32x32 RGB backbone)."""
+    height, width, channels = data.input_shape
+    target_mode = color_mode or data.color_mode
+    if (image_size in (None, (height, width))) and target_mode == data.color_mode:
+        return data
+    from PIL import Image
+
+    size = image_size or (height, width)
+
+    def convert(x: np.ndarray) -> np.ndarray:
+        out = []
+        for image in x:
+            pil = Image.fromarray(image[:, :, 0] if channels == 1 else image, mode="L" if channels == 1 else "RGB")
+            pil = pil.convert("L" if target_mode == "grayscale" else "RGB")
+            if pil.size != (size[1], size[0]):
+                pil = pil.resize((size[1], size[0]), resample=Image.Resampling.BILINEAR)
+            array = np.asarray(pil, dtype=np.uint8)
+            out.append(array[:, :, None] if array.ndim == 2 else array)
+        return np.stack(out)
+
+    for split in (data.train, data.validation, data.test):
+        split.x = convert(split.x)
+    data.color_mode = target_mode
+    return data
