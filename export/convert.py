@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from service.artifact import INPUT_NAME, OUTPUT_NAME
@@ -16,6 +19,7 @@ RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal", "R
 ARITHMETIC_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
 AUGMENTATION_LAYERS = frozenset({"RandAugment", "AugMix", "MixUp", "CutMix", "Solarization"})
 PREPROCESSING_LAYERS = frozenset({"Rescaling", "Normalization"})
+PREPROCESSING_PREFIX = "preprocess"
 
 
 def _is_augmentation(layer) -> bool:
@@ -64,8 +68,43 @@ def to_onnx(model, opset: int = OPSET):
         # training=False: augmentation and dropout are identity at inference and leave the graph.
         return {OUTPUT_NAME: model(image, training=False)}
 
-    proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
+    # Tensors a layer computed once and captured (e.g. a Normalization's mean and variance built
+    # from its weights) are not variables: tf2onnx would turn them into extra graph inputs.
+    concrete = serve.get_concrete_function(*spec)
+    captured = {
+        placeholder.name: value.numpy()
+        for placeholder, value in zip(concrete.inputs[len(spec) :], concrete.captured_inputs)
+        if placeholder.dtype != tf.resource
+    }
+    with _quiet_optimizer_warnings():
+        proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
+    _inline_captured_tensors(proto, captured)
+    extra = [i.name for i in proto.graph.input if i.name != INPUT_NAME]
+    if extra:
+        raise ExportError(f"the converted graph needs inputs besides {INPUT_NAME!r}: {extra}")
     return proto
+
+
+@contextmanager
+def _quiet_optimizer_warnings() -> Iterator[None]:
+    """Hide tf2onnx's tracebacks for graph optimisations it skips: harmless, and parity checks the result."""
+    logger = logging.getLogger("tf2onnx.optimizer")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _inline_captured_tensors(proto, captured: dict) -> None:
+    """Turn graph inputs that stand for captured constant tensors into initializers holding their values."""
+    from onnx import numpy_helper
+
+    for graph_input in list(proto.graph.input):
+        if graph_input.name in captured:
+            proto.graph.initializer.append(numpy_helper.from_array(captured[graph_input.name], graph_input.name))
+            proto.graph.input.remove(graph_input)
 
 
 def _scopes(node_name: str) -> set[str]:
@@ -124,6 +163,12 @@ def check_graph(model, proto) -> GraphReport:
         elif type(layer).__name__ in PREPROCESSING_LAYERS and not _is_identity_preprocessing(layer):
             if layer.name not in arithmetic_scopes:
                 raise ExportError(f"preprocessing layer {layer.name!r} ({type(layer).__name__}) left no arithmetic in the exported graph")
+            report.preprocessing_kept.append(layer.name)
+        elif layer.name.startswith(PREPROCESSING_PREFIX) and layer.weights:
+            # The zoo names other preprocessing it builds from ordinary layers (caffe's BGR mean
+            # convolution) preprocess_*: it must have become nodes of its own.
+            if layer.name not in scopes:
+                raise ExportError(f"preprocessing layer {layer.name!r} ({type(layer).__name__}) is missing from the exported graph")
             report.preprocessing_kept.append(layer.name)
     if report.preprocessing_kept and not ARITHMETIC_OPS & set(_ops_before_first_weighted_op(proto)):
         raise ExportError("the exported graph feeds the image to its first layer without the model's preprocessing arithmetic")
