@@ -38,7 +38,7 @@ class Source:
     source_run: str
     metrics: dict[str, float] = field(default_factory=dict)
     held_out: Images | None = None
-    seed: int = 0
+    training_config: dict = field(default_factory=dict)  # the run's config, to reload its training images
 
 
 def read_labels(path: Path) -> list[str]:
@@ -115,7 +115,7 @@ def load_run(run_dir: Path) -> Source:
         source_run=str(run_dir),
         metrics={k: float(v) for k, v in record.get("metrics", {}).items()},
         held_out=held_out,
-        seed=int(record["config"].get("seed", 0)),
+        training_config=dict(record["config"]),
     )
 
 
@@ -196,17 +196,29 @@ def load_image_folder(folder: Path, source: Source, limit: int | None = None) ->
 
 def training_images(source: Source, limit: int) -> Images:
     """Calibration images from the run's training split, reloaded the way training loaded it."""
+    config = source.training_config
+    if not config:
+        raise ExportError("int8 calibration needs training images: give a folder of them with --calibration-images")
     try:
         from training.datasets import load_dataset
 
-        data = load_dataset(source.dataset, seed=source.seed)
+        size = config.get("image_size")
+        data = load_dataset(
+            config.get("dataset", source.dataset),
+            seed=int(config.get("seed", 0)),
+            image_size=tuple(size) if size else None,
+            color_mode=config.get("color_mode"),
+            validation=config.get("validation"),
+            test=config.get("test"),
+            progress=False,
+        )
     except Exception as exc:  # unknown data set, or one that cannot be downloaded here
         raise ExportError(
-            f"cannot load the training images of data set {source.dataset!r} for int8 calibration ({exc}); "
-            "give a folder of training images with --calibration-images"
+            f"cannot reload the training images of data set {config.get('dataset', source.dataset)!r} for int8 calibration "
+            f"({exc}); give a folder of training images with --calibration-images"
         ) from None
     if tuple(data.train.x.shape[1:]) != tuple(source.input_shape):
         raise ExportError(f"data set {source.dataset!r} has images {data.train.x.shape[1:]}, the model takes {source.input_shape}")
-    rng = np.random.default_rng(source.seed)
-    pick = rng.choice(len(data.train.x), size=min(limit, len(data.train.x)), replace=False)
-    return Images(data.train.x[np.sort(pick)], data.train.y[np.sort(pick)], f"{source.dataset} training split")
+    rng = np.random.default_rng(int(config.get("seed", 0)))
+    pick = np.sort(rng.choice(len(data.train.x), size=min(limit, len(data.train.x)), replace=False))
+    return Images(data.train.x[pick], data.train.y[pick], f"{data.name} training split")
