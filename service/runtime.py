@@ -46,7 +46,10 @@ def cuda_problem() -> str | None:
     if CUDA not in ort.get_available_providers():
         return "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
     options = ort.SessionOptions()
-    options.log_severity_level = 4  # the fall-back warning is ours to report, once, in plain words
+    options.log_severity_level = 4
+    # onnxruntime prints the missing libraries in colour on stderr, outside any log format; the
+    # reason is reported once, in plain words, by the caller (and in /health).
+    ort.set_default_logger_severity(4)
     try:
         session = ort.InferenceSession(_PROBE_MODEL, sess_options=options, providers=[CUDA, CPU])
         if CUDA not in session.get_providers():
@@ -54,6 +57,8 @@ def cuda_problem() -> str | None:
         session.run(None, {"x": np.ones(1, dtype=np.float32)})
     except Exception as exc:  # a broken driver shows up here rather than in the first request
         return f"CUDA failed a test run: {type(exc).__name__}: {exc}"
+    finally:
+        ort.set_default_logger_severity(2)
     return None
 
 

@@ -1,0 +1,453 @@
+"""The service as users run it: `python -m service` on a free port, real ONNX files, real image uploads."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from service.artifact import model_path
+from tests.conftest import ROOT, LiveServer, free_port, onnx_predict
+from tests.service.conftest import make_repository, metric_value, png_bytes, post_many
+
+
+def _pngs(arrays: np.ndarray, prefix: str = "img") -> list[tuple]:
+    return [("files", (f"{prefix}{i}.png", png_bytes(a[:, :, 0] if a.shape[-1] == 1 else a), "image/png")) for i, a in enumerate(arrays)]
+
+
+@pytest.fixture(scope="module")
+def mixed_server(tmp_path_factory, exported):
+    """digits, a tiny RGB model and a model that fails on all-white images, with small limits."""
+    repository = make_repository(tmp_path_factory.mktemp("mixed"), {k: exported[k] for k in ("digits", "rgb", "fragile")})
+    server = LiveServer(
+        repository,
+        ["--max-upload-bytes", "300000", "--max-image-pixels", "1000000", "--max-files-per-request", "64", "--watch-interval-s", "0"],
+    )
+    try:
+        server.wait_until_listening()
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_200_concurrent_requests_each_get_their_own_answer_in_shared_batches(mixed_server, digits_test_split, exported):
+    images = digits_test_split.x[:200]
+    expected = onnx_predict(exported["digits"], images)
+    bodies = [_pngs(images[i : i + 1], prefix=f"digit{i}-") for i in range(200)]
+    responses = await post_many(f"{mixed_server.url}/predict/digits?top_k=1", bodies)
+    for i, r in enumerate(responses):
+        assert r.status_code == 200, r.text
+        (prediction,) = r.json()["predictions"]
+        assert prediction["filename"] == f"digit{i}-0.png"
+        assert int(prediction["label"]) == expected[i].argmax()
+        assert prediction["probability"] == pytest.approx(float(expected[i].max()), abs=1e-5)
+    metrics = httpx.get(f"{mixed_server.url}/metrics").text
+    batches = metric_value(metrics, "kos_batch_size_count", model="digits")
+    batched_images = metric_value(metrics, "kos_batch_size_sum", model="digits")
+    assert batched_images >= 200 and batched_images / batches > 1, f"{batched_images} images in {batches} batches: no batching"
+    assert metric_value(metrics, "kos_requests_total", model="digits", status="200") >= 200
+
+
+def _rgb_reference(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_every_format_and_colour_mode_is_served_like_the_model_predicts_in_process(mixed_server, exported):
+    rng = np.random.default_rng(5)
+    picture = Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8), mode="RGB")
+    opaque = {
+        "rgb.png": _encoded(picture, "PNG"),
+        "rgb.jpg": _encoded(picture, "JPEG", quality=92),
+        "rgb.webp": _encoded(picture, "WEBP", lossless=True),
+        "rgb.bmp": _encoded(picture, "BMP"),
+        "rgb.tif": _encoded(picture, "TIFF"),
+        "palette.gif": _encoded(picture.quantize(200), "GIF"),
+        "grey.png": _encoded(picture.convert("L"), "PNG"),
+        "bilevel.png": _encoded(picture.convert("1"), "PNG"),
+        "cmyk.jpg": _encoded(picture.convert("CMYK"), "JPEG", quality=92),
+        "cmyk.tif": _encoded(picture.convert("CMYK"), "TIFF"),
+        "deep.png": _encoded(Image.fromarray((np.asarray(picture.convert("L")).astype(np.uint16) * 257)), "PNG"),
+    }
+    references = {name: _rgb_reference(Image.open(io.BytesIO(data))) for name, data in opaque.items()}
+    references["deep.png"] = _rgb_reference(picture.convert("L"))  # 16-bit keeps its top byte: the 8-bit picture
+    rgba = np.dstack([np.asarray(picture), np.full((48, 40), 255, np.uint8)])
+    rgba[:, 20:, 3] = 0  # right half transparent
+    transparent = {"rgba.png": Image.fromarray(rgba, mode="RGBA"), "la.png": Image.fromarray(rgba, mode="RGBA").convert("LA")}
+    for name, image in transparent.items():
+        opaque[name] = _encoded(image, "PNG")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        references[name] = _rgb_reference(Image.alpha_composite(white, image.convert("RGBA")))
+    names = list(opaque)
+    r = httpx.post(
+        f"{mixed_server.url}/predict/rgb?top_k=4", files=[("files", (n, opaque[n], "application/octet-stream")) for n in names], timeout=60
+    )
+    assert r.status_code == 200, r.text
+    expected = onnx_predict(exported["rgb"], np.stack([references[n] for n in names]))
+    for name, prediction, probabilities in zip(names, r.json()["predictions"], expected):
+        assert prediction["filename"] == name
+        got = sorted((t["index"], t["probability"]) for t in prediction["top_k"])
+        np.testing.assert_allclose([p for _, p in got], probabilities, atol=1e-5, err_msg=name)
+
+
+def test_a_failing_batch_answers_json_500_without_internals_and_the_next_request_succeeds(mixed_server):
+    white = np.full((1, 8, 8, 1), 255, np.uint8)
+    r = httpx.post(f"{mixed_server.url}/predict/fragile", files=_pngs(white), timeout=30)
+    assert r.status_code == 500
+    detail = r.json()["detail"]
+    assert "fragile" in detail and "Reshape" not in detail and "onnxruntime" not in detail.lower()
+    grey = np.full((2, 8, 8, 1), 100, np.uint8)
+    r = httpx.post(f"{mixed_server.url}/predict/fragile", files=_pngs(grey), timeout=30)
+    assert r.status_code == 200, r.text
+    assert httpx.get(f"{mixed_server.url}/health").status_code == 200
+
+
+async def test_a_failing_batch_fails_only_the_requests_batched_with_it(mixed_server):
+    rng = np.random.default_rng(3)
+    bodies = [_pngs(rng.integers(0, 200, (1, 8, 8, 1), dtype=np.uint8)) for _ in range(40)]
+    bodies[20] = _pngs(np.full((1, 8, 8, 1), 255, np.uint8))
+    responses = await post_many(f"{mixed_server.url}/predict/fragile", bodies)
+    statuses = [r.status_code for r in responses]
+    assert statuses[20] == 500
+    assert set(statuses) <= {200, 500}
+    # At most one batch of the default size 32 fails, and the rest of the 40 are answered.
+    assert statuses.count(500) <= 32 and statuses.count(200) >= 8, statuses
+
+
+def test_every_client_error_is_json_with_a_detail(mixed_server):
+    url = mixed_server.url
+    png = png_bytes(np.zeros((8, 8), np.uint8), mode="L")
+    one = [("files", ("zero.png", png, "image/png"))]
+    cases = [
+        (httpx.post(f"{url}/predict/cats", files=one), 404, "cats"),
+        (httpx.post(f"{url}/predict/digits?version=9", files=one), 404, "version 9"),
+        (httpx.post(f"{url}/predict/digits", files=[("files", ("notes.txt", b"hello", "text/plain"))]), 415, "notes.txt"),
+        (httpx.post(f"{url}/predict/digits", data={"x": "1"}), 422, "files"),
+        (httpx.post(f"{url}/predict/digits?top_k=0", files=one), 422, "top_k"),
+        (httpx.post(f"{url}/predict/digits", files=one * 65), 422, "65 files"),
+        (
+            httpx.post(f"{url}/predict/digits", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"}),
+            422,
+            "files",
+        ),
+        (httpx.post(f"{url}/predict/digits", content=b"abc", headers={"content-type": "multipart/form-data"}), 422, "multipart"),
+        (httpx.post(f"{url}/predict/digits", files=[("files", ("big.png", png_bytes(np.zeros((1000, 1001), np.uint8)), "image/png"))]), 413, "big.png"),
+        (httpx.post(f"{url}/predict/digits", files=[("files", ("huge.bin", b"\0" * 400_000, "image/png"))]), 413, "300000 bytes"),
+        (httpx.get(f"{url}/models/cats"), 404, "cats"),
+    ]
+    for response, status, words in cases:
+        assert response.status_code == status, (status, response.text)
+        assert response.headers["content-type"].startswith("application/json")
+        assert words in response.json()["detail"], response.json()
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def _read_until_closed(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a 413 closes it)."""
+    received = b""
+    while chunk := s.recv(65536):
+        received += chunk
+    return received
+
+
+def test_a_body_over_the_limit_is_refused_while_it_streams_in(mixed_server):
+    with socket.create_connection(("127.0.0.1", mixed_server.port), timeout=15) as s:
+        s.sendall(
+            b"POST /predict/digits HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+        )
+        part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n' + b"\0" * 310_000
+        s.sendall(b"%x\r\n" % len(part) + part + b"\r\n")
+        # The body is left unfinished: only an answer given while reading can arrive.
+        answer = _read_until_closed(s)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"300000 bytes" in answer
+
+
+def test_a_declared_content_length_over_the_limit_is_refused_before_reading(mixed_server):
+    with socket.create_connection(("127.0.0.1", mixed_server.port), timeout=15) as s:
+        s.sendall(b"POST /predict/digits HTTP/1.1\r\nHost: test\r\nContent-Length: 1000000000\r\nContent-Type: multipart/form-data; boundary=b\r\n\r\n")
+        answer = _read_until_closed(s)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+def test_openapi_documents_every_error_of_predict_with_an_example(mixed_server):
+    spec = httpx.get(f"{mixed_server.url}/openapi.json").json()
+    responses = spec["paths"]["/predict/{model}"]["post"]["responses"]
+    assert {"200", "401", "404", "413", "415", "422", "500", "503", "504"} <= set(responses)
+    for status in ("401", "404", "413", "415", "422", "500", "503", "504"):
+        examples = responses[status]["content"]["application/json"]["examples"]
+        assert examples and all(e["value"]["detail"] for e in examples.values()), status
+    assert "Retry-After" in responses["503"]["headers"]
+    assert "/metrics" in spec["paths"] and spec["paths"]["/models/{model}"]["get"]["responses"]["404"]
+
+
+def test_metrics_expose_requests_latency_images_batches_queue_and_inference(mixed_server):
+    httpx.post(f"{mixed_server.url}/predict/digits", files=_pngs(np.zeros((3, 8, 8, 1), np.uint8)))
+    text = httpx.get(f"{mixed_server.url}/metrics").text
+    for name in (
+        "kos_requests_total",
+        "kos_request_latency_seconds_bucket",
+        "kos_images_total",
+        "kos_batch_size_bucket",
+        "kos_queue_wait_seconds_bucket",
+        "kos_inference_seconds_bucket",
+        "kos_queue_depth",
+        "kos_requests_in_progress",
+    ):
+        assert name in text, name
+    assert metric_value(text, "kos_images_total", model="digits") >= 3
+
+
+def test_health_and_models_show_the_device_really_used(mixed_server):
+    health = httpx.get(f"{mixed_server.url}/health").json()
+    assert health["status"] == "ready"
+    assert health["device"]["providers"] == ["CPUExecutionProvider"]
+    assert "CPU" in health["device"]["reason"]
+    models = httpx.get(f"{mixed_server.url}/models").json()["models"]
+    assert {(m["name"], m["version"]) for m in models} == {("digits", 1), ("fragile", 1), ("rgb", 1)}
+    assert all(m["providers"] == ["CPUExecutionProvider"] for m in models)
+
+
+def test_a_model_that_fails_to_load_is_reported_and_the_others_are_served(tmp_path, start_server, exported, digit_pngs):
+    repository = make_repository(tmp_path, {"digits": exported["digits"]})
+    broken = model_path(repository, "broken", 1)
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"this is not an onnx file")
+    server = start_server(repository, "--watch-interval-s", "0")
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 503
+    states = {m["name"]: m for m in health.json()["models"]}
+    assert states["broken"]["state"] == "failed" and states["broken"]["error"]
+    assert states["digits"]["state"] == "ready"
+    r = httpx.post(f"{server.url}/predict/broken", files=_pngs(np.zeros((1, 8, 8, 1), np.uint8)))
+    assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1 and "failed" in r.json()["detail"]
+    listed = {m["name"]: m for m in httpx.get(f"{server.url}/models").json()["models"]}
+    assert listed["broken"]["state"] == "failed"
+    path, _ = digit_pngs[0]
+    r = httpx.post(f"{server.url}/predict/digits", files=[("files", (path.name, path.read_bytes(), "image/png"))])
+    assert r.status_code == 200
+
+
+def _slow_bodies(count: int) -> list[list[tuple]]:
+    rng = np.random.default_rng(0)
+    return [_pngs(rng.integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+async def test_full_queue_answers_503_with_retry_after_at_once(tmp_path, start_server, exported):
+    repository = make_repository(tmp_path, {"slow": exported["slow"]})
+    server = start_server(
+        repository, "--max-batch-size", "1", "--queue-size", "2", "--max-files-per-request", "2", "--watch-interval-s", "0"
+    )
+    limits = httpx.Limits(max_connections=20, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+        async def timed(files):
+            started = time.monotonic()
+            response = await client.post(f"{server.url}/predict/slow", files=files)
+            return response, time.monotonic() - started
+
+        results = await asyncio.gather(*(timed(files) for files in _slow_bodies(16)))
+    refused = [(r, t) for r, t in results if r.status_code == 503]
+    served = [(r, t) for r, t in results if r.status_code == 200]
+    # The queue holds two images; at most one more is running: 2 or 3 are served, the rest refused.
+    assert len(refused) >= 8 and len(served) >= 2 and len(refused) + len(served) == 16
+    for r, _ in refused:
+        assert int(r.headers["Retry-After"]) >= 1 and "queue" in r.json()["detail"]
+    # Refused at once: faster than the slowest request that was served after queueing.
+    assert min(t for _, t in refused) < max(t for _, t in served)
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric_value(text, "kos_requests_total", model="slow", status="503") == len(refused)
+    assert metric_value(text, "kos_images_total", model="slow") == len(served), "a refused request ran"
+
+
+async def test_deadline_passing_in_the_queue_answers_504_and_its_images_never_run(tmp_path, start_server, exported):
+    repository = make_repository(tmp_path, {"slow": exported["slow"]})
+    server = start_server(repository, "--max-batch-size", "1", "--request-timeout-s", "0.4", "--watch-interval-s", "0")
+    responses = await post_many(f"{server.url}/predict/slow", _slow_bodies(12))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 504} and statuses.count(504) >= 4, statuses
+    assert all("deadline" in r.json()["detail"] for r in responses if r.status_code == 504)
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric_value(text, "kos_images_total", model="slow") == statuses.count(200), "an expired image was run"
+
+
+async def test_shutdown_stops_taking_requests_and_finishes_those_in_flight(tmp_path, start_server, exported):
+    repository = make_repository(tmp_path, {"slow": exported["slow"]})
+    server = start_server(repository, "--max-batch-size", "2", "--watch-interval-s", "0")
+    limits = httpx.Limits(max_connections=10, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        pending = [asyncio.ensure_future(client.post(f"{server.url}/predict/slow", files=f)) for f in _slow_bodies(8)]
+        for _ in range(200):
+            text = (await client.get(f"{server.url}/metrics")).text
+            if metric_value(text, "kos_requests_in_progress") == 8:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the 8 requests never were all in flight")
+        server.process.send_signal(signal.SIGTERM)
+        responses = await asyncio.gather(*pending)
+        assert [r.status_code for r in responses] == [200] * 8
+        with pytest.raises(httpx.TransportError):
+            await client.post(f"{server.url}/predict/slow", files=_slow_bodies(1)[0])
+    # uvicorn re-raises the signal once it has shut down cleanly, so the exit is "by SIGTERM".
+    assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in server.log()
+
+
+async def test_models_added_and_replaced_while_running_are_served_without_a_failed_request(tmp_path, start_server, exported):
+    import onnx
+
+    from export.repository import write_atomically
+
+    repository = make_repository(tmp_path, {"digits": exported["digits"]})
+    server = start_server(repository, "--watch-interval-s", "0.2")
+    digit = _pngs(np.zeros((1, 8, 8, 1), np.uint8))
+    statuses: list[int] = []
+    versions: list[int] = []
+    stop = asyncio.Event()
+
+    async def keep_asking(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            r = await client.post(f"{server.url}/predict/digits", files=digit)
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                versions.append(r.json()["version"])
+
+    async def wait_for(check, what: str, client: httpx.AsyncClient) -> None:
+        for _ in range(300):
+            if await check(client):
+                return
+            await asyncio.sleep(0.1)
+        pytest.fail(f"{what} did not happen within 30 s:\n{server.log()[-3000:]}")
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        askers = [asyncio.ensure_future(keep_asking(client)) for _ in range(4)]
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(write_atomically, {"model.onnx": onnx.load(exported["rgb"])}, repository, "rgb", 1)
+
+        async def rgb_served(c):
+            files = [("files", ("x.png", png_bytes(np.zeros((32, 32, 3), np.uint8)), "image/png"))]
+            return (await c.post(f"{server.url}/predict/rgb", files=files)).status_code == 200
+
+        await wait_for(rgb_served, "serving the added model", client)
+        await asyncio.to_thread(write_atomically, {"model.onnx": onnx.load(exported["digits"])}, repository, "digits", 1, True)
+        await wait_for(lambda c: _logged(server, "digits v1: replaced"), "replacing digits v1", client)
+        await asyncio.to_thread(write_atomically, {"model.onnx": onnx.load(exported["digits"])}, repository, "digits", 2)
+
+        async def v2_served(c):
+            return bool(versions) and versions[-1] == 2
+
+        await wait_for(v2_served, "serving digits v2", client)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*askers)
+    assert len(statuses) > 20 and set(statuses) == {200}, statuses
+    assert versions[0] == 1 and versions[-1] == 2
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+async def _logged(server: LiveServer, text: str) -> bool:
+    return text in server.log()
+
+
+def test_api_key_guards_predict_and_models_but_not_health(tmp_path, start_server, exported, digit_pngs):
+    repository = make_repository(tmp_path, {"digits": exported["digits"]})
+    server = start_server(repository, "--watch-interval-s", "0", env={"KOS_API_KEY": "s3cret"})
+    path, _ = digit_pngs[0]
+    files = [("files", (path.name, path.read_bytes(), "image/png"))]
+    r = httpx.post(f"{server.url}/predict/digits", files=files)
+    assert r.status_code == 401 and "API key" in r.json()["detail"]
+    assert httpx.post(f"{server.url}/predict/digits", files=files, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert httpx.get(f"{server.url}/models").status_code == 401
+    assert httpx.post(f"{server.url}/predict/digits", files=files, headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert httpx.get(f"{server.url}/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+
+def test_cors_origins_and_json_logs(tmp_path, start_server, exported):
+    repository = make_repository(tmp_path, {"digits": exported["digits"]})
+    server = start_server(
+        repository, "--cors-origins", "https://app.example", "--log-format", "json", "--watch-interval-s", "0"
+    )
+    preflight = httpx.options(
+        f"{server.url}/predict/digits",
+        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    other = httpx.get(f"{server.url}/health", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    lines = [line for line in server.log().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]
+    assert any("loaded digits v1" in r["message"] for r in records)
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+
+
+def test_device_cuda_refuses_to_start_where_cuda_does_not_work(bundled_repository):
+    # onnxruntime-gpu lists CUDAExecutionProvider here, but the CUDA libraries are missing: the real fall-back case.
+    assert "CUDAExecutionProvider" in ort.get_available_providers()
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--device", "cuda", "--port", str(free_port()), "--repository", str(bundled_repository)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "cannot start: device=cuda but onnxruntime could not start CUDA" in result.stderr
+
+
+def test_the_service_process_never_imports_tensorflow(tmp_path, exported, digit_pngs):
+    repository = make_repository(tmp_path, {"digits": exported["digits"], "rgb": exported["rgb"]})
+    port = free_port()
+    # The real entry point, with a hook that reports at exit whether TensorFlow was ever imported.
+    code = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('tensorflow imported' if 'tensorflow' in sys.modules else 'no tensorflow', flush=True))\n"
+        f"sys.argv = ['service', '--port', '{port}', '--repository', {str(repository)!r}]\n"
+        "runpy.run_module('service', run_name='__main__', alter_sys=True)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        path, _ = digit_pngs[0]
+        r = httpx.post(f"{url}/predict/digits", files=[("files", (path.name, path.read_bytes(), "image/png"))])
+        assert r.status_code == 200
+    finally:
+        # SIGINT: uvicorn shuts down, then re-raises it as KeyboardInterrupt, and the atexit hook runs.
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=60)
+    assert out.strip().splitlines()[-1] == "no tensorflow"
+
+
+def test_settings_come_from_environment_variables_and_flags_win(tmp_path, start_server, exported):
+    repository = make_repository(tmp_path, {"digits": exported["digits"]})
+    server = start_server(Path(repository), "--max-files-per-request", "2", env={"KOS_MAX_FILES_PER_REQUEST": "1", "KOS_WATCH_INTERVAL_S": "0"})
+    files = _pngs(np.zeros((2, 8, 8, 1), np.uint8))
+    assert httpx.post(f"{server.url}/predict/digits", files=files).status_code == 200
+    assert httpx.post(f"{server.url}/predict/digits", files=files * 2).status_code == 422
