@@ -126,4 +126,5 @@ def _progress_bar(total: int, title: str):
     from keras.utils import Progbar
 
     print(title, file=sys.stderr)
-    return Progbar(total, unit_name="image")
+    # A live bar on a terminal; a single line at the end in logs and CI.
+    return Progbar(total, unit_name="image", verbose=1 if sys.stdout.isatty() else 2)
