@@ -18,7 +18,7 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in a container).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
-    repository: Path = Field(Path("models"), description="Model repository: <repository>/<name>/<version>/model.onnx.")
+    repository: Path = Field(Path("models"), description="Model repository folder, holding NAME/VERSION/model.onnx.")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA when it really works, else CPU; cuda: refuse to start without CUDA; cpu."
     )

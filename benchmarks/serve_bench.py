@@ -1,0 +1,359 @@
+"""End-to-end serving benchmark: the service beside the in-process ceiling and a naive endpoint.
+
+For each model (the bundled digits model, and a MobileNetV2-sized 224x224 model with untrained
+weights, exported once by our export code into a cache folder) it measures, in one run:
+
+- the in-process ceiling: decode and resize on all cores plus `session.run`, pipelined, at the
+  best batch size and intra-op thread count found, on the same JPEG files, no HTTP;
+- `python -m service` (dynamic batching) under wrk at each concurrency;
+- a naive FastAPI endpoint (one request, one run; benchmarks/naive_server.py) under the same load.
+
+Every request uploads one real JPEG as multipart/form-data (wrk + benchmarks/multipart.lua). wrk
+runs on the same cores, so its CPU share is reported beside each figure. Prints a table and
+writes JSON.
+
+    python benchmarks/serve_bench.py                       # both models, concurrency 1 8 32 64
+    python benchmarks/serve_bench.py --duration 3 --models digits --concurrency 1,32   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA = Path(__file__).resolve().parent / "multipart.lua"
+MOBILENET_CLASSES = 1000
+
+
+@dataclass
+class LoadResult:
+    target: str
+    concurrency: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    wrk_cpu_share: float  # of the whole machine (all cores)
+
+
+@dataclass
+class Ceiling:
+    images_per_s: float
+    batch_size: int
+    intra_op_threads: int
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def build_mobilenet(out_repository: Path) -> None:
+    """Export an untrained MobileNetV2 (224x224, 1000 classes, preprocessing inside) with our export code."""
+    import keras
+
+    from export.convert import to_onnx
+    from export.repository import attach_metadata, write_atomically
+    from service.artifact import MODEL_FILENAME, ModelMetadata
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((224, 224, 3), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)  # MobileNetV2's preprocess_input, in the graph
+    base = keras.applications.MobileNetV2(input_shape=(224, 224, 3), weights=None, classes=MOBILENET_CLASSES)
+    model = keras.Model(inputs, base(x), name="mobilenet_v2")
+    proto = to_onnx(model)
+    metadata = ModelMetadata(
+        name="mobilenet",
+        labels=[f"class{i}" for i in range(MOBILENET_CLASSES)],
+        height=224,
+        width=224,
+        channels=3,
+        color_mode="rgb",
+        architecture="mobilenet_v2 (untrained)",
+        dataset="none",
+    )
+    attach_metadata(proto, metadata)
+    write_atomically({MODEL_FILENAME: proto}, out_repository, "mobilenet", 1, overwrite=True)
+
+
+def model_file(name: str, cache: Path) -> Path:
+    from service.artifact import model_path
+
+    if name == "digits":
+        return model_path(ROOT / "models", "digits", 1)
+    path = model_path(cache / "models", "mobilenet", 1)
+    if not path.is_file():
+        progress(f"exporting MobileNetV2 to {path} (once; TensorFlow runs in a child process)")
+        subprocess.run([sys.executable, __file__, "--build-mobilenet", str(cache / "models")], check=True, cwd=ROOT)
+    return path
+
+
+# --- images -------------------------------------------------------------------------------------
+
+
+def make_jpegs(name: str, folder: Path, count: int) -> list[Path]:
+    """Real JPEG files: held-out scikit-learn digits for digits, photo-like 320x240 pictures for MobileNet."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits().images
+        for i in range(count):
+            array = np.clip(digits[-1 - i] * 16, 0, 255).astype(np.uint8)
+            paths.append(folder / f"digit{i:03d}.jpg")
+            Image.fromarray(array, mode="L").save(paths[-1], quality=95)
+    else:
+        yy, xx = np.mgrid[0:240, 0:320]
+        for i in range(count):
+            # Smooth colour fields plus texture compress like photographs do (~20-40 kB each).
+            phase = rng.uniform(0, 2 * np.pi, 3)
+            channels = [127 + 100 * np.sin(xx / rng.uniform(20, 80) + yy / rng.uniform(20, 80) + p) for p in phase]
+            array = np.stack(channels, axis=-1) + rng.normal(0, 12, (240, 320, 3))
+            paths.append(folder / f"photo{i:03d}.jpg")
+            Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="RGB").save(paths[-1], quality=90)
+    return paths
+
+
+# --- the in-process ceiling ---------------------------------------------------------------------
+
+
+def measure_ceiling(path: Path, blobs: list[bytes], seconds: float, batch_sizes: list[int]) -> Ceiling:
+    """The best images/s without HTTP: decode on all cores while the previous batch runs."""
+    import onnxruntime as ort
+
+    from service.artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+    from service.imaging import decode_image
+
+    cores = os.cpu_count() or 1
+    best = Ceiling(0.0, 0, 0)
+    for intra in sorted({0, 1, cores}):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        spec = ModelMetadata.from_metadata_props(session.get_modelmeta().custom_metadata_map)
+        with ThreadPoolExecutor(cores) as pool:
+            for batch in batch_sizes:
+                session.run([OUTPUT_NAME], {INPUT_NAME: np.zeros((batch, *spec.input_shape), np.uint8)})
+
+                def decode_batch(start: int, batch: int = batch) -> list:
+                    return [pool.submit(decode_image, blobs[(start + i) % len(blobs)], "x", spec, 40_000_000) for i in range(batch)]
+
+                done, start = 0, 0
+                pending = decode_batch(start)
+                began = time.perf_counter()
+                while time.perf_counter() - began < seconds:
+                    images = np.stack([f.result() for f in pending])
+                    start += batch
+                    pending = decode_batch(start)  # decoded while this batch runs
+                    session.run([OUTPUT_NAME], {INPUT_NAME: images})
+                    done += batch
+                rate = done / (time.perf_counter() - began)
+                for f in pending:
+                    f.result()
+                progress(f"  ceiling: batch {batch:3d}, intra-op threads {intra}: {rate:8.1f} images/s")
+                if rate > best.images_per_s:
+                    best = Ceiling(rate, batch, intra)
+    return best
+
+
+# --- servers and load ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(command: list[str], port: int) -> subprocess.Popen:
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    import urllib.request
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"{command} exited:\n{log.read().decode(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return process
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise TimeoutError(f"{command} did not become healthy")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _ms(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(number) * _UNITS[unit]
+
+
+def run_wrk(url: str, manifest: Path, concurrency: int, seconds: float, threads: int) -> tuple[dict, float]:
+    """Run wrk; its parsed figures and its CPU share of the machine."""
+    command = [
+        "wrk", f"-t{min(threads, concurrency)}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency",
+        "--timeout", "30s", "-s", str(LUA), url, "--", str(manifest),
+    ]
+    with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file:
+        began = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out_file, stderr=err_file)
+        # wait4 gives this child's own CPU time, from the kernel's accounting.
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - began
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out_file.seek(0)
+        err_file.seek(0)
+        out, err = out_file.read().decode(), err_file.read().decode()
+    cpu = usage.ru_utime + usage.ru_stime
+    if process.returncode != 0:
+        raise RuntimeError(f"wrk failed: {err}")
+    figures = {
+        "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": _ms(re.search(r"\s50%\s+(\S+)", out).group(1)),
+        "p99_ms": _ms(re.search(r"\s99%\s+(\S+)", out).group(1)),
+        "errors": int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)) else 0,
+    }
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        figures["errors"] += sum(int(g) for g in m.groups())
+    return figures, cpu / wall / (os.cpu_count() or 1)
+
+
+def load_test(target: str, url: str, manifest: Path, concurrencies: list[int], seconds: float, threads: int) -> list[LoadResult]:
+    run_wrk(url, manifest, max(concurrencies), max(1.0, seconds / 3), threads)  # warm-up, not counted
+    results = []
+    for c in concurrencies:
+        figures, share = run_wrk(url, manifest, c, seconds, threads)
+        results.append(LoadResult(target=target, concurrency=c, wrk_cpu_share=share, **figures))
+        progress(f"  {target:8s} c={c:3d}: {figures['requests_per_s']:8.1f} img/s  p50 {figures['p50_ms']:7.2f} ms  p99 {figures['p99_ms']:7.2f} ms  wrk CPU {share:5.1%}")
+    return results
+
+
+def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
+    path = model_file(name, args.cache)
+    jpegs = make_jpegs(name, work / name / "images", args.images)
+    manifest = work / name / "manifest.txt"
+    manifest.write_text("\n".join(str(p) for p in jpegs) + "\n")
+    blobs = [p.read_bytes() for p in jpegs]
+    record: dict = {"model": name, "model_file": str(path), "jpeg_bytes_mean": int(np.mean([len(b) for b in blobs]))}
+    if not args.skip_ceiling:
+        progress(f"{name}: in-process ceiling")
+        record["ceiling"] = asdict(measure_ceiling(path, blobs, args.ceiling_seconds, [1, 8, 32, 64]))
+    repository = work / name / "repository"
+    shutil.rmtree(repository, ignore_errors=True)
+    (repository / name / "1").mkdir(parents=True)
+    shutil.copyfile(path, repository / name / "1" / "model.onnx")
+    results: list[LoadResult] = []
+    port = free_port()
+    service = [sys.executable, "-m", "service", "--port", str(port), "--repository", str(repository), "--log-level", "warning",
+               "--watch-interval-s", "0", *args.service_args.split()]
+    progress(f"{name}: service ({' '.join(service[2:])})")
+    process = start(service, port)
+    try:
+        results += load_test("service", f"http://127.0.0.1:{port}/predict/{name}", manifest, args.concurrency, args.duration, args.wrk_threads)
+    finally:
+        stop(process)
+    if not args.skip_naive:
+        port = free_port()
+        progress(f"{name}: naive endpoint")
+        process = start([sys.executable, str(Path(__file__).parent / "naive_server.py"), str(path), "--port", str(port)], port)
+        try:
+            results += load_test("naive", f"http://127.0.0.1:{port}/predict/{name}", manifest, args.concurrency, args.duration, args.wrk_threads)
+        finally:
+            stop(process)
+    record["load"] = [asdict(r) for r in results]
+    return record
+
+
+def print_table(records: list[dict]) -> None:
+    print()
+    print(f"{'model':10s} {'target':8s} {'conc':>4s} {'img/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} {'wrk CPU':>8s} {'of ceiling':>10s}")
+    for record in records:
+        ceiling = record.get("ceiling", {}).get("images_per_s")
+        if ceiling:
+            c = record["ceiling"]
+            print(f"{record['model']:10s} {'ceiling':8s} {'':>4s} {ceiling:9.1f} {'':>8s} {'':>8s} {'':>6s} {'':>8s} {'100%':>10s}"
+                  f"   (batch {c['batch_size']}, intra-op threads {c['intra_op_threads']})")
+        for r in record["load"]:
+            share = f"{r['requests_per_s'] / ceiling:.0%}" if ceiling else "-"
+            print(f"{record['model']:10s} {r['target']:8s} {r['concurrency']:4d} {r['requests_per_s']:9.1f} {r['p50_ms']:8.2f} "
+                  f"{r['p99_ms']:8.2f} {r['errors']:6d} {r['wrk_cpu_share']:8.1%} {share:>10s}")
+        by = {(r["target"], r["concurrency"]): r for r in record["load"]}
+        if ceiling and ("service", 32) in by:
+            print(f"  target 1: service at c=32 is {by[('service', 32)]['requests_per_s'] / ceiling:.0%} of the ceiling (goal >= 85%)")
+        if ("service", 1) in by and ("naive", 1) in by:
+            gap = by[("service", 1)]["p50_ms"] - by[("naive", 1)]["p50_ms"]
+            print(f"  target 2: service p50 at c=1 is {gap:+.2f} ms from the naive endpoint's (goal <= +2 ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="digits,mobilenet", help="comma-separated: digits, mobilenet")
+    parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated connection counts")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds of load per point")
+    parser.add_argument("--ceiling-seconds", type=float, default=1.5, help="seconds per ceiling configuration")
+    parser.add_argument("--images", type=int, default=64, help="distinct JPEG files cycled through")
+    parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (it shares the cores with the server)")
+    parser.add_argument("--service-args", default="", help="extra flags for python -m service, e.g. '--max-batch-size 16'")
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--skip-ceiling", action="store_true")
+    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench-cache", help="where the MobileNetV2 export is kept")
+    parser.add_argument("--json", type=Path, default=ROOT / "runs" / "serve_bench.json", help="where to write the figures")
+    parser.add_argument("--build-mobilenet", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.build_mobilenet:
+        build_mobilenet(args.build_mobilenet)
+        return
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install wrk (Debian/Ubuntu) or brew install wrk")
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    records = []
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        for name in args.models.split(","):
+            if name not in ("digits", "mobilenet"):
+                sys.exit(f"unknown model {name!r}: choose digits or mobilenet")
+            records.append(bench_model(name, args, Path(tmp)))
+    print_table(records)
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": machine, "duration_s": args.duration, "results": records}, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Settings: one class, every field a flag and an environment variable, all in the README's table."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from service.__main__ import build_parser
+from service.settings import ENV_PREFIX, Settings
+from tests.conftest import ROOT
+
+
+def _readme_settings_rows() -> dict[str, tuple[str, str, str]]:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Service settings") :]
+    section = section[: section.index("\n## ", 3)]
+    rows = {}
+    for match in re.finditer(r"^\| `--([\w-]+)` \| `(\w+)` \| `([^`]*)` \| (.+) \|$", section, re.MULTILINE):
+        flag, env, default, meaning = match.groups()
+        rows[flag] = (env, default, meaning)
+    return rows
+
+
+def _shown(default: object) -> str:
+    return "(none)" if default is None else "(empty)" if default == "" else str(default)
+
+
+def test_every_setting_is_in_the_readme_table_with_its_env_and_default():
+    rows = _readme_settings_rows()
+    fields = {name.replace("_", "-"): field for name, field in Settings.model_fields.items()}
+    assert set(rows) == set(fields), f"README lacks {set(fields) - set(rows)}, lists unknown {set(rows) - set(fields)}"
+    for flag, field in fields.items():
+        env, default, meaning = rows[flag]
+        assert env == ENV_PREFIX + flag.replace("-", "_").upper()
+        assert default == _shown(field.default), flag
+        assert meaning.strip() == field.description, flag
+
+
+def test_every_setting_is_a_flag_that_reaches_the_settings():
+    parser = build_parser()
+    values = {
+        "host": "0.0.0.0", "port": "9", "repository": "elsewhere", "device": "cpu", "max_batch_size": "7",
+        "max_batch_delay_ms": "1.5", "queue_size": "99", "request_timeout_s": "3", "max_upload_bytes": "1000",
+        "max_files_per_request": "9", "max_image_pixels": "100", "intra_op_threads": "2", "inter_op_threads": "1",
+        "inference_workers": "2", "decode_workers": "3", "api_key": "k", "cors_origins": "https://a.example, https://b.example",
+        "watch_interval_s": "0", "shutdown_timeout_s": "5", "log_level": "debug", "log_format": "json",
+    }
+    assert set(values) == set(Settings.model_fields), "a new setting needs a value in this test"
+    argv = [arg for name, value in values.items() for arg in ("--" + name.replace("_", "-"), value)]
+    settings = Settings(**vars(parser.parse_args(argv)))
+    for name, value in values.items():
+        assert str(getattr(settings, name)) == str(type(getattr(settings, name))(value)), name
+    assert settings.cors_origin_list == ["https://a.example", "https://b.example"]
+
+
+def test_environment_variables_set_settings_and_bad_values_are_refused(monkeypatch):
+    monkeypatch.setenv("KOS_MAX_BATCH_SIZE", "12")
+    monkeypatch.setenv("KOS_DEVICE", "cpu")
+    settings = Settings()
+    assert settings.max_batch_size == 12 and settings.device == "cpu"
+    with pytest.raises(ValueError):
+        Settings(device="tpu")
+    with pytest.raises(ValueError, match="queue_size"):
+        Settings(queue_size=4, max_files_per_request=8)
