@@ -80,6 +80,9 @@ def export(
         raise ExportError("parity needs held-out images: give a folder of them with --images")
     if tuple(held_out.x.shape[1:]) != tuple(source.input_shape):
         raise ExportError(f"held-out images are {held_out.x.shape[1:]}, the model takes {source.input_shape}")
+    if "int8" in variants and calibration is None:
+        # Before minutes of conversion: a run whose training images cannot be reloaded fails now.
+        calibration = training_images(source, CALIBRATION_IMAGES).x
     steps = 4 + len(variants)
 
     progress(f"[1/{steps}] Keras answers {len(held_out.x)} held-out images from {held_out.origin}")
@@ -101,10 +104,7 @@ def export(
     protos = {"float32": proto}
     for i, precision in enumerate(variants, start=4):
         progress(f"[{i}/{steps}] {precision} variant, checked for accuracy against float32")
-        calibration_x = None
-        if precision == "int8":
-            calibration_x = calibration if calibration is not None else training_images(source, CALIBRATION_IMAGES).x
-        protos[precision] = make_variant(precision, proto, calibration_x)
+        protos[precision] = make_variant(precision, proto, calibration if precision == "int8" else None)
         checks[precision] = check_variant(precision, got, protos[precision], held_out.x, held_out.y, force_variants)
 
     progress(f"[{steps}/{steps}] writing {repository / name / str(version)}")

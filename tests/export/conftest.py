@@ -69,7 +69,7 @@ def cifar10_run(tmp_path_factory) -> Path:
 
     keras.utils.set_random_seed(0)
     labels = [f"class{i}" for i in range(10)]
-    x, y = class_images((32, 32, 3), 10, 40, seed=0)
+    x, y = class_images((32, 32, 3), 10, 20, seed=0)
     x_test, y_test = class_images((32, 32, 3), 10, 10, seed=1)
     model = build_model("cifar10_cnn", (32, 32, 3), 10)
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
