@@ -75,6 +75,8 @@ def _figure(width: float, height: float):
 def plot_curves(history: dict[str, list[float]], path: Path, title: str, phase_starts: list[int] | None = None) -> Path:
     """Accuracy and loss per epoch, training against validation, side by side."""
     plt, fig = _figure(11, 4.2)
+    from matplotlib.ticker import MaxNLocator
+
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     for position, metric in enumerate(("accuracy", "loss"), start=1):
         ax = fig.add_subplot(1, 2, position)
@@ -83,6 +85,7 @@ def plot_curves(history: dict[str, list[float]], path: Path, title: str, phase_s
                 ax.plot(epochs, history[key], style, marker="o", markersize=3, label=name)
         for start in phase_starts or []:
             ax.axvline(start + 0.5, color="grey", linestyle=":", linewidth=1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.set_title(metric)
@@ -110,7 +113,7 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str
     ax.set_xticks(ticks if show_labels else [])
     ax.set_yticks(ticks if show_labels else [])
     if show_labels:
-        ax.set_xticklabels(labels, rotation=90 if n > 6 else 0)
+        ax.set_xticklabels(labels, rotation=90 if max(len(label) for label in labels) * n > 40 else 0)
         ax.set_yticklabels(labels)
     if n <= 20:
         for i in range(n):

@@ -422,5 +422,5 @@ def benchmark(model_name: str, images: int, image_size: tuple[int, int], color_m
             seconds.append(float((logs or {})["seconds"]))
 
     model.fit(pipeline(split, num_classes, batch_size, seed, True), epochs=epochs, callbacks=[timer, Collect()],
-              verbose=_verbosity())
+              shuffle=False, verbose=_verbosity())
     return seconds
