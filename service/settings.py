@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height) decoded; checked before decoding.")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session (0: onnxruntime decides).")
     inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads per session (0: onnxruntime decides).")
+    intra_op_spinning: bool = Field(
+        False, description="Let onnxruntime's threads spin between runs: quicker back-to-back runs, but CPU taken from decoding and HTTP."
+    )
     inference_workers: int = Field(1, ge=1, le=64, description="Batches one model version runs at the same time.")
     decode_workers: int = Field(0, ge=0, le=256, description="Threads that decode and resize uploads (0: one per CPU core).")
     api_key: str | None = Field(
