@@ -1,0 +1,183 @@
+"""Size, accuracy and CPU speed of the float16 and int8 variants against the float32 model.
+
+Exports a training run with both variants through `export.exporter.export` (the same checks as
+`python -m export ... --variants float16 int8`) into a temporary repository, then measures each
+file with onnxruntime on the CPU: size on disk, top-1 accuracy on the run's held-out test split,
+latency of one image, and throughput at a larger batch. Prints a table and writes JSON.
+
+    python benchmarks/export_variants.py --run runs/digits
+    python benchmarks/export_variants.py --generated cifar10_cnn     # a zoo model fitted briefly on generated images
+
+`--generated` builds the zoo model, fits it for a few epochs on generated images (a fixed random
+template per class under noise: learnable, and needing no download), and writes a run folder in
+the format training writes; int8 is calibrated on its generated training images. Variants are
+kept even when they lose accuracy (forced), so the table always shows what each one costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def class_images(shape: tuple[int, int, int], classes: int, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each class a fixed random template under noise: a small CNN learns it in a few epochs."""
+    rng = np.random.default_rng(seed)
+    templates = np.random.default_rng(1234).integers(0, 256, (classes, *shape)).astype(np.float32)
+    y = np.repeat(np.arange(classes), per_class)
+    noise = rng.integers(0, 256, (len(y), *shape)).astype(np.float32)
+    x = np.clip(0.75 * templates[y] + 0.25 * noise, 0, 255).astype(np.uint8)
+    order = rng.permutation(len(y))
+    return x[order], y[order].astype(np.int64)
+
+
+def generated_run(model_name: str, run_dir: Path, epochs: int, seed: int = 0) -> np.ndarray:
+    """Fit a zoo model on generated images and write its run folder; returns the training images for calibration."""
+    import keras
+
+    from training.models import zoo
+
+    spec = zoo()[model_name]
+    shape = (*spec.default_size, 1 if spec.default_color_mode == "grayscale" else 3)
+    classes = 10
+    keras.utils.set_random_seed(seed)
+    x, y = class_images(shape, classes, 100, seed)
+    x_test, y_test = class_images(shape, classes, 50, seed + 1)
+    options = {"weights": None} if spec.transfer else {}
+    model = spec.build(shape, classes, **options)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    # Small batches: many steps, so batch norm's moving statistics (used at inference) settle.
+    model.fit(x, y, epochs=epochs, batch_size=8, verbose=2)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.save(run_dir / "model.keras")
+    np.savez_compressed(run_dir / "test_split.npz", x=x_test, y=y_test)
+    accuracy = float((np.asarray(model.predict(x_test, verbose=0)).argmax(1) == y_test).mean())
+    record = {
+        "run": run_dir.name,
+        "config": {"model": model_name, "dataset": "generated", "seed": seed, "epochs": epochs},
+        "dataset": "generated",
+        "labels": [f"class{i}" for i in range(classes)],
+        "input_shape": list(shape),
+        "color_mode": spec.default_color_mode,
+        "resize_method": "bilinear",
+        "metrics": {"test_accuracy": accuracy},
+    }
+    (run_dir / "run.json").write_text(json.dumps(record, indent=2))
+    return x
+
+
+def measure(path: Path, x: np.ndarray, y: np.ndarray, batch: int, seconds: float, threads: int) -> dict[str, float]:
+    """Accuracy, single-image latency (median ms) and batch throughput (images/s) of one file on the CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    probabilities = np.concatenate([session.run(None, {"image": x[i : i + 256]})[0] for i in range(0, len(x), 256)])
+    accuracy = float((probabilities.argmax(1) == y).mean())
+
+    def timed(images: np.ndarray) -> list[float]:
+        for _ in range(5):  # warm-up: first runs allocate and pick kernels
+            session.run(None, {"image": images})
+        times, deadline = [], time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(times) < 10:
+            started = time.perf_counter()
+            session.run(None, {"image": images})
+            times.append(time.perf_counter() - started)
+        return times
+
+    single = timed(x[:1])
+    batched = timed(np.resize(x, (batch, *x.shape[1:])))
+    return {
+        "bytes": path.stat().st_size,
+        "accuracy": accuracy,
+        "latency_ms": 1000 * statistics.median(single),
+        "images_per_s": batch / statistics.median(batched),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="a training run folder (int8 calibrates on its data set's training images)")
+    source.add_argument("--generated", metavar="MODEL", help="a zoo model fitted on generated images, e.g. cifar10_cnn")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs for --generated (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=64, help="batch size of the throughput figure (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing per measurement (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, 0 = all cores (default: %(default)s)")
+    parser.add_argument("--json", type=Path, default=Path("export_variants.json"), help="where the figures go (default: %(default)s)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    from export.errors import ExportError
+    from export.exporter import export
+    from export.source import load_run
+    from service.artifact import model_path
+
+    with tempfile.TemporaryDirectory(prefix="export-variants-") as scratch:
+        calibration = None
+        run_dir = args.run
+        if args.generated:
+            run_dir = Path(scratch) / "run"
+            print(f"fitting {args.generated} on generated images for {args.epochs} epochs", file=sys.stderr)
+            calibration = generated_run(args.generated, run_dir, args.epochs)[:200]
+        run = load_run(run_dir)
+        repository = Path(scratch) / "models"
+        try:
+            result = export(run, "bench", repository, variants=["float16", "int8"], calibration=calibration, force_variants=True)
+        except ExportError as exc:
+            sys.exit(f"export refused: {exc}")
+        x, y = run.held_out.x, run.held_out.y
+        rows = {}
+        for precision in ("float32", "float16", "int8"):
+            print(f"measuring {precision} on the CPU", file=sys.stderr, flush=True)
+            rows[precision] = measure(model_path(repository, "bench", 1, precision), x, y, args.batch, args.seconds, args.threads)
+
+    base = rows["float32"]
+    for row in rows.values():
+        row["size_ratio"] = row["bytes"] / base["bytes"]
+        row["accuracy_drop_points"] = 100 * (base["accuracy"] - row["accuracy"])
+        row["latency_ratio"] = row["latency_ms"] / base["latency_ms"]
+        row["throughput_ratio"] = row["images_per_s"] / base["images_per_s"]
+    model = result.metadata.architecture
+    print(f"\n{model} ({run_dir if args.run else 'generated data'}), {len(x)} held-out images, "
+          f"parity max |prob diff| {result.parity.max_abs_difference:.2e}, CPU: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores")
+    header = f"{'precision':<10}{'size':>10}{'x f32':>7}{'accuracy':>10}{'drop pt':>9}{'1-image ms':>12}{'x f32':>7}{f'batch{args.batch} img/s':>16}{'x f32':>7}"
+    print(header)
+    print("-" * len(header))
+    for precision, r in rows.items():
+        print(
+            f"{precision:<10}{r['bytes'] / 1e3:>8.0f}kB{r['size_ratio']:>7.2f}{r['accuracy']:>10.4f}{r['accuracy_drop_points']:>9.2f}"
+            f"{r['latency_ms']:>12.3f}{r['latency_ratio']:>7.2f}{r['images_per_s']:>16.0f}{r['throughput_ratio']:>7.2f}"
+        )
+    report = {
+        "model": model,
+        "source": str(run_dir) if args.run else f"generated ({args.epochs} epochs)",
+        "held_out_images": len(x),
+        "batch": args.batch,
+        "threads": args.threads or os.cpu_count(),
+        "machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "parity": result.parity.as_metadata(),
+        "variants_check": {p: c.as_metadata() for p, c in result.variants.items()},
+        "results": rows,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
