@@ -30,6 +30,10 @@ class BatcherClosed(RuntimeError):
     """The batcher stopped taking work (shutdown, or its model version was replaced)."""
 
 
+class _ModelRaised(Exception):
+    """The model itself raised while running a request alone (as opposed to a bad image)."""
+
+
 @dataclass(eq=False)
 class _Item:
     image: np.ndarray
@@ -84,6 +88,7 @@ class Batcher:
         self._closing = False
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
+        self._alone = 0  # requests on the run_alone path right now
         self._seconds_per_image = 0.01  # running estimate, for Retry-After
 
     @property
@@ -140,6 +145,55 @@ class Batcher:
                 if not item.started:
                     item.future.cancel()  # the batcher skips it: nothing runs for a request that is gone
             raise
+
+    def idle(self) -> bool:
+        """Nothing queued, announced, gathering or running: a new request would run alone at once."""
+        return not self._closing and self._task is not None and self.depth == 0 and self._incoming <= 0 and not self._running and self._alone == 0
+
+    async def run_alone(self, prepare: Callable[[], np.ndarray]) -> np.ndarray:
+        """Prepare (decode) and run one request's images in a single trip to the inference thread.
+
+        The low-load path: when the batcher is idle there is nothing to batch with, and one thread
+        hop instead of two (decode pool, then inference pool) is what keeps a lone request's
+        latency at that of a plain one-request-one-run endpoint. Errors from `prepare` (a bad
+        image) pass through unchanged; an inference error is an InferenceFailed like a batch's.
+        """
+        if self._closing or self._task is None:
+            raise BatcherClosed(f"the batcher of {self.name} v{self.version} is closed")
+        self._alone += 1
+        try:
+            images, rows, elapsed = await asyncio.get_running_loop().run_in_executor(self._executor, self._prepare_and_run, prepare)
+        except _ModelRaised as failure:
+            log.error("inference failed for %s v%d on one request run alone", self.name, self.version, exc_info=failure.__cause__)
+            if self._metrics:
+                self._metrics.batch_failures.labels(self.name).inc()
+            raise InferenceFailed(
+                f"inference failed for model {self.name!r} version {self.version}; the cause is in the service log"
+            ) from None
+        finally:
+            self._alone -= 1
+        self._record(len(images), elapsed)
+        if self._metrics:
+            self._metrics.queue_wait.labels(self.name).observe(0.0)
+        return rows[: len(images)]
+
+    def _prepare_and_run(self, prepare: Callable[[], np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
+        images = prepare()
+        started = time.perf_counter()
+        try:
+            rows = self._run_batch(images)
+            if len(rows) < len(images):
+                raise ValueError(f"the model returned {len(rows)} rows for {len(images)} images")
+        except Exception as exc:
+            raise _ModelRaised() from exc
+        return images, rows, time.perf_counter() - started
+
+    def _record(self, size: int, elapsed: float) -> None:
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / size
+        if self._metrics:
+            self._metrics.batch_size.labels(self.name).observe(size)
+            self._metrics.inference.labels(self.name).observe(elapsed)
+            self._metrics.images.labels(self.name).inc(size)
 
     async def _wait(self, items: list[_Item], deadline: float) -> np.ndarray:
         pending = {item.future for item in items}
@@ -226,14 +280,14 @@ class Batcher:
             slots.release()
 
     async def _infer(self, live: list[_Item]) -> None:
-        images = np.stack([item.image for item in live])
         size = len(live)
-        if self._pad_to is not None and self._pad_to(size) > size:
-            # A few fixed batch shapes, each warmed at start-up: a new shape is slow on CUDA.
-            padding = np.zeros((self._pad_to(size) - size, *images.shape[1:]), dtype=images.dtype)
-            images = np.concatenate([images, padding])
         started = time.perf_counter()
         try:
+            images = np.stack([item.image for item in live])
+            if self._pad_to is not None and self._pad_to(size) > size:
+                # A few fixed batch shapes, each warmed at start-up: a new shape is slow on CUDA.
+                padding = np.zeros((self._pad_to(size) - size, *images.shape[1:]), dtype=images.dtype)
+                images = np.concatenate([images, padding])
             rows = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, images)
             if len(rows) < size:
                 raise ValueError(f"the model returned {len(rows)} rows for {size} images")
@@ -249,12 +303,7 @@ class Batcher:
                         )
                     )
             return
-        elapsed = time.perf_counter() - started
-        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / size
-        if self._metrics:
-            self._metrics.batch_size.labels(self.name).observe(size)
-            self._metrics.inference.labels(self.name).observe(elapsed)
-            self._metrics.images.labels(self.name).inc(size)
+        self._record(size, time.perf_counter() - started)
         for item, row in zip(live, rows):
             if not item.future.done():
                 item.future.set_result(row)

@@ -31,15 +31,22 @@ async def _predict_once(
     spec, batcher = served.metadata, served.batcher
     assert spec is not None and batcher is not None
     loop = asyncio.get_running_loop()
-    announcement = batcher.announce(len(uploads))
-    try:
-        # Every file is decoded before anything is queued, so a bad file fails the request without running the model.
-        images = await asyncio.gather(
-            *(loop.run_in_executor(decoder, decode_image, u.data, u.filename, spec, max_pixels) for u in uploads)
+    if len(uploads) == 1 and batcher.idle():
+        # Nothing to batch with: decode and run in one trip to the inference thread.
+        upload = uploads[0]
+        probabilities = await batcher.run_alone(
+            lambda: decode_image(upload.data, upload.filename, spec, max_pixels)[None]
         )
-        probabilities = await batcher.submit(np.stack(images), deadline, announcement)
-    finally:
-        announcement.withdraw()
+    else:
+        announcement = batcher.announce(len(uploads))
+        try:
+            # Every file is decoded before anything is queued, so a bad file fails the request without running the model.
+            images = await asyncio.gather(
+                *(loop.run_in_executor(decoder, decode_image, u.data, u.filename, spec, max_pixels) for u in uploads)
+            )
+            probabilities = await batcher.submit(np.stack(images), deadline, announcement)
+        finally:
+            announcement.withdraw()
     k = min(top_k, len(spec.labels))
     predictions = []
     for upload, row in zip(uploads, probabilities):

@@ -175,3 +175,41 @@ async def test_a_cancelled_request_is_not_run(make_batcher, digits_run):
     await blocker
     await batcher.submit(images(1, seed=3), later(10))
     assert not any((batch == gone).all(axis=(1, 2, 3)).any() for batch in digits_run.batches)
+
+
+async def test_batches_are_padded_to_the_warmed_sizes_and_only_real_rows_come_back(make_batcher, digits_run):
+    from service.runtime import pad_size
+
+    # What the registry sets up on CUDA; the padding itself runs the same on CPU.
+    batcher = make_batcher(digits_run, max_batch_size=8, pad_to=lambda n: pad_size(n, 8))
+    three = images(3)
+    result = await batcher.submit(three, later(10))
+    assert [len(b) for b in digits_run.batches] == [4]
+    assert len(result) == 3
+    np.testing.assert_allclose(result, digits_run.session.run(["probabilities"], {"image": three})[0], atol=1e-5)
+
+
+async def test_an_idle_batcher_runs_a_lone_request_in_one_trip_and_keeps_image_errors_apart(make_batcher, digits_run):
+    from service.errors import UnsupportedImage
+
+    batcher = make_batcher(digits_run)
+    assert batcher.idle()
+    one = images(1)
+    np.testing.assert_allclose(
+        await batcher.run_alone(lambda: one), digits_run.session.run(["probabilities"], {"image": one})[0], atol=1e-5
+    )
+
+    def bad_image() -> np.ndarray:
+        raise UnsupportedImage("x.png: not a readable image")
+
+    with pytest.raises(UnsupportedImage, match="x.png"):
+        await batcher.run_alone(bad_image)
+    with pytest.raises(InferenceFailed):
+        await batcher.run_alone(lambda: np.full((1, 8, 8, 1), 255, np.uint8))
+    text = batcher._metrics.render().decode()
+    assert metric_value(text, "kos_batch_failures_total") == 1  # the bad image is not a model failure
+    assert metric_value(text, "kos_images_total") == 1
+    announcement = batcher.announce(1)
+    assert not batcher.idle(), "with images on their way, a request must join the batch instead"
+    announcement.withdraw()
+    assert batcher.idle()

@@ -1,0 +1,35 @@
+"""Devices: the real onnxruntime-gpu here lists CUDA but cannot start it (no CUDA libraries, no GPU)."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+
+from service.runtime import CPU, CUDA, Device, DeviceUnavailable, pad_size, padded_sizes, resolve_device, warmup_batch_sizes
+
+
+def test_auto_falls_back_to_cpu_and_says_why():
+    device = resolve_device("auto")
+    assert device.providers == (CPU,)
+    assert "serving on CPU because" in device.reason and "CUDA" in device.reason
+
+
+def test_cuda_is_refused_when_a_session_cannot_really_run_on_it():
+    assert CUDA in ort.get_available_providers()  # listed, yet unusable: the silent fall-back case
+    with pytest.raises(DeviceUnavailable, match="device=cuda but onnxruntime could not start CUDA"):
+        resolve_device("cuda")
+
+
+def test_cpu_never_probes_cuda():
+    assert resolve_device("cpu") == Device((CPU,), "device=cpu")
+
+
+def test_on_cuda_every_padded_batch_size_is_warmed_and_on_cpu_the_smallest_and_largest():
+    # A GPU cannot exist here: these Device values stand in for what resolve_device returns on one.
+    cuda = Device((CUDA, CPU), "device=cuda: CUDA works")
+    cpu = Device((CPU,), "device=cpu")
+    assert padded_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert padded_sizes(24) == [1, 2, 4, 8, 16, 24]
+    assert warmup_batch_sizes(24, cuda) == [1, 2, 4, 8, 16, 24]
+    assert warmup_batch_sizes(24, cpu) == [1, 24]
+    assert [pad_size(n, 24) for n in (1, 3, 5, 16, 17, 24)] == [1, 4, 8, 16, 24, 24]
