@@ -256,13 +256,31 @@ def run_wrk(url: str, manifest: Path, concurrency: int, seconds: float, threads:
     return figures, cpu / wall / (os.cpu_count() or 1)
 
 
-def load_test(target: str, url: str, manifest: Path, concurrencies: list[int], seconds: float, threads: int) -> list[LoadResult]:
-    run_wrk(url, manifest, max(concurrencies), max(1.0, seconds / 3), threads)  # warm-up, not counted
+def load_test(targets: dict[str, str], manifest: Path, concurrencies: list[int], seconds: float, rounds: int, threads: int) -> list[LoadResult]:
+    """Every target at every concurrency, in alternating rounds so that drift in the machine's
+    load (it is shared) hits every target alike; rates are averaged, p50 is the median of the
+    rounds' p50s, p99 the worst round's."""
+    for url in targets.values():
+        run_wrk(url, manifest, max(concurrencies), max(1.0, seconds / 3), threads)  # warm-up, not counted
     results = []
     for c in concurrencies:
-        figures, share = run_wrk(url, manifest, c, seconds, threads)
-        results.append(LoadResult(target=target, concurrency=c, wrk_cpu_share=share, **figures))
-        progress(f"  {target:8s} c={c:3d}: {figures['requests_per_s']:8.1f} img/s  p50 {figures['p50_ms']:7.2f} ms  p99 {figures['p99_ms']:7.2f} ms  wrk CPU {share:5.1%}")
+        rounds_by_target: dict[str, list[tuple[dict, float]]] = {t: [] for t in targets}
+        for _ in range(rounds):
+            for target, url in targets.items():
+                rounds_by_target[target].append(run_wrk(url, manifest, c, seconds / rounds, threads))
+        for target, runs in rounds_by_target.items():
+            result = LoadResult(
+                target=target,
+                concurrency=c,
+                requests_per_s=float(np.mean([f["requests_per_s"] for f, _ in runs])),
+                p50_ms=float(np.median([f["p50_ms"] for f, _ in runs])),
+                p99_ms=max(f["p99_ms"] for f, _ in runs),
+                errors=sum(f["errors"] for f, _ in runs),
+                wrk_cpu_share=float(np.mean([share for _, share in runs])),
+            )
+            results.append(result)
+            progress(f"  {target:8s} c={c:3d}: {result.requests_per_s:8.1f} img/s  p50 {result.p50_ms:7.2f} ms  "
+                     f"p99 {result.p99_ms:7.2f} ms  wrk CPU {result.wrk_cpu_share:5.1%}")
     return results
 
 
@@ -280,31 +298,28 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     shutil.rmtree(repository, ignore_errors=True)
     (repository / name / "1").mkdir(parents=True)
     shutil.copyfile(path, repository / name / "1" / "model.onnx")
-    results: list[LoadResult] = []
-    port = free_port()
     tuned = []
     if "ceiling" in record and not args.untuned:
         # Serve at the batch size and thread setting the ceiling found best for this model here
-        # (on CPU, MobileNetV2 runs fewer images per second in big batches than in small ones).
+        # (on CPU, MobileNetV2 can run fewer images per second in big batches than in small ones).
         c = record["ceiling"]
         tuned = ["--max-batch-size", str(c["batch_size"]), "--intra-op-threads", str(c["intra_op_threads"]),
                  "--intra-op-spinning", str(c["spinning"]).lower()]
+    port = free_port()
     service = [sys.executable, "-m", "service", "--port", str(port), "--repository", str(repository), "--log-level", "warning",
                "--watch-interval-s", "0", *tuned, *args.service_args.split()]
     record["service_flags"] = service[3:]
-    progress(f"{name}: service ({' '.join(service[2:])})")
-    process = start(service, port)
+    progress(f"{name}: starting the service ({' '.join(service[2:])})" + ("" if args.skip_naive else " and the naive endpoint"))
+    processes = [start(service, port)]
+    targets = {"service": f"http://127.0.0.1:{port}/predict/{name}"}
     try:
-        results += load_test("service", f"http://127.0.0.1:{port}/predict/{name}", manifest, args.concurrency, args.duration, args.wrk_threads)
+        if not args.skip_naive:
+            naive_port = free_port()
+            processes.append(start([sys.executable, str(Path(__file__).parent / "naive_server.py"), str(path), "--port", str(naive_port)], naive_port))
+            targets["naive"] = f"http://127.0.0.1:{naive_port}/predict/{name}"
+        results = load_test(targets, manifest, args.concurrency, args.duration, args.rounds, args.wrk_threads)
     finally:
-        stop(process)
-    if not args.skip_naive:
-        port = free_port()
-        progress(f"{name}: naive endpoint")
-        process = start([sys.executable, str(Path(__file__).parent / "naive_server.py"), str(path), "--port", str(port)], port)
-        try:
-            results += load_test("naive", f"http://127.0.0.1:{port}/predict/{name}", manifest, args.concurrency, args.duration, args.wrk_threads)
-        finally:
+        for process in processes:
             stop(process)
     record["load"] = [asdict(r) for r in results]
     return record
@@ -335,7 +350,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="digits,mobilenet", help="comma-separated: digits, mobilenet")
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated connection counts")
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds of load per point")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds of load per point and target")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds the duration is split into")
     parser.add_argument("--ceiling-seconds", type=float, default=1.5, help="seconds per ceiling configuration")
     parser.add_argument("--images", type=int, default=64, help="distinct JPEG files cycled through")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (it shares the cores with the server)")
