@@ -68,6 +68,9 @@ def _add_train_arguments(train: argparse.ArgumentParser, defaults: TrainConfig) 
     fit.add_argument("--lr-factor", type=float, default=defaults.lr_factor, help="ReduceLROnPlateau: factor of each drop (default: %(default)s)")
     fit.add_argument("--min-lr", type=float, default=defaults.min_lr, help="ReduceLROnPlateau: lowest learning rate (default: %(default)s)")
     fit.add_argument("--seed", type=int, default=defaults.seed, help="seed for splits, weights, shuffling and augmentation (default: %(default)s)")
+    fit.add_argument("--nondeterministic", action="store_true",
+                     help="allow TensorFlow's non-deterministic ops: a little faster on a GPU, but a rerun differs slightly "
+                     "(default: deterministic, the same command trains the same model)")
 
     aug = train.add_argument_group("augmentation (training batches only; never part of the saved model)")
     aug.add_argument("--shift", type=float, default=0.0, help="random shifts up to this fraction of height and width, e.g. 0.1 (default: off)")
@@ -159,7 +162,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         augmentation=Augmentation(shift=args.shift, rotation=args.rotation, zoom=args.zoom, flip=args.flip, contrast=args.contrast),
         weights=args.weights, dropout=args.dropout, fine_tune_epochs=args.fine_tune_epochs,
         fine_tune_layers=args.fine_tune_layers, fine_tune_learning_rate=args.fine_tune_learning_rate,
-        seed=args.seed, note=args.note, max_test_images=args.max_test_images,
+        seed=args.seed, deterministic=not args.nondeterministic, note=args.note, max_test_images=args.max_test_images,
     )
 
 
@@ -189,7 +192,8 @@ def _models() -> None:
     print("models (python -m training train --model NAME):")
     for name, spec in zoo().items():
         height, width = spec.default_size
-        print(f"  {name:<20} {height}x{width} {spec.default_color_mode:<9} {spec.description}")
+        size = f"{height}x{width}"
+        print(f"  {name:<20} {size:<8} {spec.default_color_mode:<9} {spec.description}")
     print("\ndata sets (--dataset NAME, or --dataset path/to/folder with one sub-folder per class):")
     for name, loader in LOADERS.items():
         print(f"  {name:<20} {(loader.__doc__ or '').strip().splitlines()[0]}")

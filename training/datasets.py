@@ -205,7 +205,8 @@ def _adapt(data: Dataset, image_size: tuple[int, int] | None, color_mode: str | 
     """Resize or recolour a built-in data set when a model asks for another input (MNIST into a 32x32 RGB backbone)."""
     height, width, channels = data.input_shape
     target_mode = color_mode or data.color_mode
-    if (image_size in (None, (height, width))) and target_mode == data.color_mode:
+    image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+    if image_size in (None, (height, width)) and target_mode == data.color_mode:
         return data
     from PIL import Image
 

@@ -181,7 +181,10 @@ def transfer_model(
     spec = BACKBONES[backbone]
     height, width, channels = input_shape
     if min(height, width) < spec.min_size:
-        raise TrainingError(f"{backbone} needs images of at least {spec.min_size}x{spec.min_size}, not {height}x{width}")
+        raise TrainingError(
+            f"{backbone} needs images of at least {spec.min_size}x{spec.min_size}, not {height}x{width}; "
+            f"resize them with --image-size (its natural size is {spec.default_size})"
+        )
     if channels not in (1, 3):
         raise TrainingError(f"{backbone} takes greyscale or RGB images, not {channels} channels")
     weights = None if weights in (None, "none") else weights

@@ -58,6 +58,7 @@ class TrainConfig:
     fine_tune_layers: int = 30  # transfer models: how many top layers of the base phase 2 unfreezes
     fine_tune_learning_rate: float | None = None  # phase 2 learning rate; None: a tenth of learning_rate
     seed: int = 0
+    deterministic: bool = True  # TensorFlow's deterministic ops: repeatable runs, a little slower on a GPU
     note: str = ""  # free text for the training log: what changed in this run
     max_test_images: int = 2000  # most test images kept in test_split.npz (export's parity check)
 
@@ -81,13 +82,14 @@ class TrainConfig:
             raise TrainingError("max_test_images must be at least 1: export checks parity on those images")
 
 
-def seed_everything(seed: int) -> None:
-    """Same seed, same data split, weights, shuffling and augmentation: a run can be repeated exactly on CPU."""
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Same seed, same data split, weights, shuffling and augmentation: with deterministic ops a run repeats exactly."""
     import keras
     import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
 
 
 def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9) -> "keras.optimizers.Optimizer":
@@ -271,10 +273,11 @@ def train(config: TrainConfig, run_dir: Path, ledger: Path | None = None) -> dic
         image_size = image_size or spec.default_size
         color_mode = color_mode or spec.default_color_mode
 
-    seed_everything(config.seed)
     started = time.time()
+    # The split takes its seed explicitly, so the data loads first: a bad folder is refused before TensorFlow starts.
     data = load_dataset(config.dataset, seed=config.seed, image_size=image_size, color_mode=color_mode,
                         validation=config.validation, test=config.test)
+    seed_everything(config.seed, config.deterministic)
     if data.skipped:
         print(f"skipped {len(data.skipped)} unreadable file(s), e.g. {data.skipped[0]}", file=sys.stderr)
     model = build_for(config, data)

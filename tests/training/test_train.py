@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -107,10 +108,10 @@ def test_evaluate_reproduces_the_recorded_test_metrics(digits_run):
     assert result["per_class"] == record["per_class"]
 
 
-def test_the_same_seed_trains_the_same_model(tmp_path):
-    config = TrainConfig(epochs=1, augmentation=Augmentation(shift=0.1, flip="horizontal"))
-    first = train(config, tmp_path / "a")
-    second = train(config, tmp_path / "b")
+def test_the_same_seed_trains_the_same_model(digits_run, tmp_path):
+    _, first = digits_run
+    second = train(TrainConfig(**{**first["config"], "image_size": None, "augmentation": Augmentation(shift=0.1, rotation=10)}),
+                   tmp_path / "again")
     timing = ("seconds",)
     assert {k: v for k, v in first["history"].items() if k not in timing} == {
         k: v for k, v in second["history"].items() if k not in timing
@@ -214,3 +215,17 @@ def test_cli_refuses_a_single_class_folder_with_a_clear_message(make_image_folde
 def test_cli_log_without_a_log_says_where_it_looked(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no training log at"):
         main(["log", "--ledger", str(tmp_path / "none.csv")])
+
+
+def test_a_keras_data_set_that_cannot_download_fails_with_the_offline_way_out(tmp_path):
+    # A proxy on a closed port makes the download fail at once; an empty KERAS_HOME holds no cached copy.
+    proxy = "http://127.0.0.1:9"
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras"), "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy,
+           "https_proxy": proxy, "http_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "train", "--model", "mnist_cnn", "--dataset", "mnist", "--epochs", "1",
+         "--run-dir", str(tmp_path / "run")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "could not load mnist" in result.stderr and "--dataset digits" in result.stderr, result.stderr[-2000:]
