@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import socket
@@ -179,8 +180,6 @@ def free_port() -> int:
 
 def ca_bundle() -> Path:
     """The host's CA bundle, which trusts a TLS-intercepting proxy where there is one."""
-    import os
-
     for candidate in [os.environ.get("KOS_TEST_CA_BUNDLE", ""), *HOST_CA_BUNDLES]:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
@@ -414,3 +413,34 @@ def test_compose_cpu_service_builds_comes_up_serves_and_goes_down(engine: Engine
         assert project_items(engine, kind, project) == [], f"{kind}s of {project} are left after `down`"
     with pytest.raises(httpx.TransportError):
         httpx.get(compose_project["url"] + "/health", timeout=2)
+
+
+@pytest.mark.skipif(
+    os.environ.get("KOS_TEST_TRAINING_IMAGE") != "1",
+    reason="builds the training image (TensorFlow, about 1 GB, several minutes): set KOS_TEST_TRAINING_IMAGE=1",
+)
+def test_compose_training_job_exports_a_version_the_running_service_then_serves(engine: Engine, compose_project, digit_pngs):
+    args, env, project = compose_project["args"], compose_project["env"], compose_project["project"]
+    train_args = [*args, "--profile", "train"]
+    engine.compose(*train_args, "build", "api-cpu", "train", env=env, timeout=1800)
+    engine.compose(*args, "up", "--detach", "api-cpu", env=env, timeout=300)
+    (container,) = project_items(engine, "container", project)
+    url = compose_project["url"]
+    wait_until_ready(engine, container, url)
+    before = served_version()
+    assert max(m["version"] for m in httpx.get(url + "/models/digits", timeout=5).json()["models"]) == before
+
+    # The whole loop: one command trains and exports into the shared volume ...
+    engine.compose(
+        *train_args, "run", "--rm", "train",
+        "train-and-export", "digits", "--model", "digits_cnn", "--dataset", "digits", "--epochs", "3",
+        env=env, timeout=1200,
+    )  # fmt: skip
+    # ... and the running service serves the new version without a restart.
+    wait_for(
+        lambda: max(m["version"] for m in httpx.get(url + "/models/digits", timeout=5).json()["models"]) == before + 1,
+        timeout=60, what=f"digits version {before + 1} being served",
+    )  # fmt: skip
+    answer = httpx.post(f"{url}/predict/digits", files=upload([digit_pngs[0][0]]), timeout=30)
+    assert answer.status_code == 200 and answer.json()["version"] == before + 1, answer.text
+    assert httpx.get(url + "/health", timeout=5).status_code == 200
