@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
         run = load_run(run_dir)
         repository = Path(scratch) / "models"
         try:
-            result = export(run, "bench", repository, variants=["float16", "int8"], calibration=calibration, force_variants=True)
+            result = export(
+                run, "bench", repository, variants=["float16", "int8"], calibration=calibration, force_variants=True, show_progress=True
+            )
         except ExportError as exc:
             sys.exit(f"export refused: {exc}")
         x, y = run.held_out.x, run.held_out.y

@@ -124,6 +124,7 @@ def run_export(argv: list[str]) -> None:
             calibration=calibration,
             force_variants=args.force_variants,
             opset=args.opset,
+            show_progress=True,
         )
     except ExportError as exc:
         sys.exit(f"export refused: {exc}")

@@ -62,11 +62,13 @@ def export(
     opset: int = OPSET,
     converter: Callable = to_onnx,
     progress: Callable[[str], None] = _stderr,
+    show_progress: bool = False,
 ) -> ExportResult:
     """Convert `source`, check its graph and its parity on held-out images, build variants, write one new version.
 
     `images` replaces the run's test split as the held-out set; `calibration` gives int8 its
-    training images instead of reloading the run's data set.
+    training images instead of reloading the run's data set. `progress` hears each step;
+    `show_progress` draws progress bars on stderr over the images.
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -86,7 +88,7 @@ def export(
     steps = 4 + len(variants)
 
     progress(f"[1/{steps}] Keras answers {len(held_out.x)} held-out images from {held_out.origin}")
-    expected = keras_probabilities(source.model, held_out.x)
+    expected = keras_probabilities(source.model, held_out.x, show_progress=show_progress)
     check_outputs_are_probabilities(expected, len(source.labels))
     metrics = dict(source.metrics)
     if not metrics and held_out.y is not None:
@@ -97,7 +99,7 @@ def export(
     graph = check_graph(source.model, proto)
 
     progress(f"[3/{steps}] parity: onnxruntime against Keras on the same {len(held_out.x)} images")
-    got = onnx_probabilities(proto, held_out.x)
+    got = onnx_probabilities(proto, held_out.x, show_progress=show_progress)
     parity = check_parity(expected, got)
 
     checks: dict[str, VariantCheck] = {}
@@ -105,7 +107,7 @@ def export(
     for i, precision in enumerate(variants, start=4):
         progress(f"[{i}/{steps}] {precision} variant, checked for accuracy against float32")
         protos[precision] = make_variant(precision, proto, calibration if precision == "int8" else None)
-        checks[precision] = check_variant(precision, got, protos[precision], held_out.x, held_out.y, force_variants)
+        checks[precision] = check_variant(precision, got, protos[precision], held_out.x, held_out.y, force_variants, show_progress)
 
     progress(f"[{steps}/{steps}] writing {repository / name / str(version)}")
     common = dict(

@@ -9,6 +9,7 @@ import numpy as np
 from service.artifact import INPUT_NAME, OUTPUT_NAME
 
 from .errors import ExportError
+from .progress import ProgressBar
 
 MAX_PROBABILITY_DIFFERENCE = 1e-4
 MAX_ACCURACY_DROP_POINTS = 1.0
@@ -45,16 +46,23 @@ def session_for(proto):
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def onnx_probabilities(proto, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
+def _batches(images: np.ndarray, batch_size: int, show_progress: bool):
+    bar = ProgressBar(len(images)) if show_progress else None
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        yield batch
+        if bar is not None:
+            bar.advance(len(batch))
+
+
+def onnx_probabilities(proto, images: np.ndarray, batch_size: int = BATCH_SIZE, show_progress: bool = False) -> np.ndarray:
     session = session_for(proto)
-    return np.concatenate(
-        [session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
-    )
+    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: b})[0] for b in _batches(images, batch_size, show_progress)])
 
 
-def keras_probabilities(model, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
+def keras_probabilities(model, images: np.ndarray, batch_size: int = BATCH_SIZE, show_progress: bool = False) -> np.ndarray:
     # Direct calls in inference mode, as the exported function calls the model.
-    return np.concatenate([np.asarray(model(images[i : i + batch_size], training=False)) for i in range(0, len(images), batch_size)])
+    return np.concatenate([np.asarray(model(b, training=False)) for b in _batches(images, batch_size, show_progress)])
 
 
 def check_outputs_are_probabilities(probabilities: np.ndarray, classes: int) -> None:
@@ -126,9 +134,11 @@ class VariantCheck:
         }
 
 
-def check_variant(precision: str, reference: np.ndarray, proto, images: np.ndarray, y: np.ndarray | None, force: bool = False) -> VariantCheck:
+def check_variant(
+    precision: str, reference: np.ndarray, proto, images: np.ndarray, y: np.ndarray | None, force: bool = False, show_progress: bool = False
+) -> VariantCheck:
     """Refuse a variant that loses more than a point of accuracy, unless forced."""
-    got = onnx_probabilities(proto, images)
+    got = onnx_probabilities(proto, images, show_progress=show_progress)
     truth = reference.argmax(1) if y is None else y
     check = VariantCheck(
         precision=precision,
