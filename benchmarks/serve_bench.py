@@ -140,43 +140,66 @@ def make_jpegs(name: str, folder: Path, count: int) -> list[Path]:
 # --- the in-process ceiling ---------------------------------------------------------------------
 
 
-def measure_ceiling(path: Path, blobs: list[bytes], seconds: float, batch_sizes: list[int]) -> Ceiling:
-    """The best images/s without HTTP: decode on all cores while the previous batch runs."""
-    import onnxruntime as ort
+class Pipeline:
+    """The in-process ceiling at one setting: decode on all cores while the previous batch runs."""
 
-    from service.artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata
-    from service.imaging import decode_image
+    def __init__(self, path: Path, blobs: list[bytes], batch: int, intra: int, spinning: bool):
+        import onnxruntime as ort
 
-    cores = os.cpu_count() or 1
-    best = Ceiling(0.0, 0, 0, False)
-    for intra, spinning in [(threads, spin) for threads in sorted({1, cores}) for spin in (True, False)]:
+        from service.artifact import ModelMetadata
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        spec = ModelMetadata.from_metadata_props(session.get_modelmeta().custom_metadata_map)
-        with ThreadPoolExecutor(cores) as pool:
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        self.spec = ModelMetadata.from_metadata_props(self.session.get_modelmeta().custom_metadata_map)
+        self.blobs, self.batch = blobs, batch
+        self.setting = Ceiling(0.0, batch, intra, spinning)
+        self.run(np.zeros((batch, *self.spec.input_shape), np.uint8))
+
+    def run(self, images: np.ndarray) -> None:
+        from service.artifact import INPUT_NAME, OUTPUT_NAME
+
+        self.session.run([OUTPUT_NAME], {INPUT_NAME: images})
+
+    def rate(self, seconds: float) -> float:
+        """Images per second over about `seconds`."""
+        from service.imaging import decode_image
+
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+
+            def decode_batch(start: int) -> list:
+                return [pool.submit(decode_image, self.blobs[(start + i) % len(self.blobs)], "x", self.spec, 40_000_000) for i in range(self.batch)]
+
+            done, start = 0, 0
+            pending = decode_batch(start)
+            began = time.perf_counter()
+            while time.perf_counter() - began < seconds:
+                images = np.stack([f.result() for f in pending])
+                start += self.batch
+                pending = decode_batch(start)  # decoded while this batch runs
+                self.run(images)
+                done += self.batch
+            rate = done / (time.perf_counter() - began)
+            for f in pending:
+                f.result()
+        return rate
+
+
+def best_pipeline(path: Path, blobs: list[bytes], seconds: float, batch_sizes: list[int]) -> Pipeline:
+    """Search batch size, intra-op threads and spinning for the highest in-process images/s."""
+    cores = os.cpu_count() or 1
+    best, best_rate = None, 0.0
+    for intra in sorted({1, cores}):
+        for spinning in (True, False):
             for batch in batch_sizes:
-                session.run([OUTPUT_NAME], {INPUT_NAME: np.zeros((batch, *spec.input_shape), np.uint8)})
-
-                def decode_batch(start: int, batch: int = batch) -> list:
-                    return [pool.submit(decode_image, blobs[(start + i) % len(blobs)], "x", spec, 40_000_000) for i in range(batch)]
-
-                done, start = 0, 0
-                pending = decode_batch(start)
-                began = time.perf_counter()
-                while time.perf_counter() - began < seconds:
-                    images = np.stack([f.result() for f in pending])
-                    start += batch
-                    pending = decode_batch(start)  # decoded while this batch runs
-                    session.run([OUTPUT_NAME], {INPUT_NAME: images})
-                    done += batch
-                rate = done / (time.perf_counter() - began)
-                for f in pending:
-                    f.result()
+                pipeline = Pipeline(path, blobs, batch, intra, spinning)
+                rate = pipeline.rate(seconds)
                 progress(f"  ceiling: batch {batch:3d}, intra-op threads {intra}, spinning {spinning!s:5}: {rate:8.1f} images/s")
-                if rate > best.images_per_s:
-                    best = Ceiling(rate, batch, intra, spinning)
+                if rate > best_rate:
+                    best, best_rate = pipeline, rate
+    assert best is not None
+    best.setting.images_per_s = best_rate
     return best
 
 
@@ -256,18 +279,29 @@ def run_wrk(url: str, manifest: Path, concurrency: int, seconds: float, threads:
     return figures, cpu / wall / (os.cpu_count() or 1)
 
 
-def load_test(targets: dict[str, str], manifest: Path, concurrencies: list[int], seconds: float, rounds: int, threads: int) -> list[LoadResult]:
+def load_test(
+    targets: dict[str, str], manifest: Path, concurrencies: list[int], seconds: float, rounds: int, threads: int,
+    ceiling: Pipeline | None = None,
+) -> tuple[list[LoadResult], dict[int, float]]:
     """Every target at every concurrency, in alternating rounds so that drift in the machine's
     load (it is shared) hits every target alike; rates are averaged, p50 is the median of the
-    rounds' p50s, p99 the worst round's."""
+    rounds' p50s, p99 the worst round's. The ceiling, when given, is re-measured in every round
+    too, so each concurrency's "share of the ceiling" compares figures taken side by side."""
     for url in targets.values():
         run_wrk(url, manifest, max(concurrencies), max(1.0, seconds / 3), threads)  # warm-up, not counted
     results = []
+    ceilings: dict[int, float] = {}
     for c in concurrencies:
         rounds_by_target: dict[str, list[tuple[dict, float]]] = {t: [] for t in targets}
+        ceiling_rates = []
         for _ in range(rounds):
+            if ceiling is not None:
+                ceiling_rates.append(ceiling.rate(seconds / rounds))
             for target, url in targets.items():
                 rounds_by_target[target].append(run_wrk(url, manifest, c, seconds / rounds, threads))
+        if ceiling_rates:
+            ceilings[c] = float(np.mean(ceiling_rates))
+            progress(f"  ceiling  c={c:3d}: {ceilings[c]:8.1f} img/s (in-process, same rounds)")
         for target, runs in rounds_by_target.items():
             result = LoadResult(
                 target=target,
@@ -281,7 +315,7 @@ def load_test(targets: dict[str, str], manifest: Path, concurrencies: list[int],
             results.append(result)
             progress(f"  {target:8s} c={c:3d}: {result.requests_per_s:8.1f} img/s  p50 {result.p50_ms:7.2f} ms  "
                      f"p99 {result.p99_ms:7.2f} ms  wrk CPU {result.wrk_cpu_share:5.1%}")
-    return results
+    return results, ceilings
 
 
 def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
@@ -291,9 +325,11 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     manifest.write_text("\n".join(str(p) for p in jpegs) + "\n")
     blobs = [p.read_bytes() for p in jpegs]
     record: dict = {"model": name, "model_file": str(path), "jpeg_bytes_mean": int(np.mean([len(b) for b in blobs]))}
+    pipeline = None
     if not args.skip_ceiling:
-        progress(f"{name}: in-process ceiling")
-        record["ceiling"] = asdict(measure_ceiling(path, blobs, args.ceiling_seconds, [1, 8, 32]))
+        progress(f"{name}: in-process ceiling, searching the best setting")
+        pipeline = best_pipeline(path, blobs, args.ceiling_seconds, [1, 8, 32])
+        record["ceiling"] = asdict(pipeline.setting)
     repository = work / name / "repository"
     shutil.rmtree(repository, ignore_errors=True)
     (repository / name / "1").mkdir(parents=True)
@@ -317,11 +353,14 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
             naive_port = free_port()
             processes.append(start([sys.executable, str(Path(__file__).parent / "naive_server.py"), str(path), "--port", str(naive_port)], naive_port))
             targets["naive"] = f"http://127.0.0.1:{naive_port}/predict/{name}"
-        results = load_test(targets, manifest, args.concurrency, args.duration, args.rounds, args.wrk_threads)
+        results, ceilings = load_test(targets, manifest, args.concurrency, args.duration, args.rounds, args.wrk_threads, pipeline)
     finally:
         for process in processes:
             stop(process)
     record["load"] = [asdict(r) for r in results]
+    if ceilings:
+        record["ceiling"]["images_per_s"] = float(np.mean(list(ceilings.values())))
+        record["ceiling_by_concurrency"] = ceilings
     return record
 
 
@@ -334,13 +373,17 @@ def print_table(records: list[dict]) -> None:
             c = record["ceiling"]
             print(f"{record['model']:10s} {'ceiling':8s} {'':>4s} {ceiling:9.1f} {'':>8s} {'':>8s} {'':>6s} {'':>8s} {'100%':>10s}"
                   f"   (batch {c['batch_size']}, intra-op threads {c['intra_op_threads']}, spinning {c['spinning']})")
+        by_c = record.get("ceiling_by_concurrency", {})
         for r in record["load"]:
-            share = f"{r['requests_per_s'] / ceiling:.0%}" if ceiling else "-"
+            alongside = by_c.get(r["concurrency"], ceiling)
+            share = f"{r['requests_per_s'] / alongside:.0%}" if alongside else "-"
             print(f"{record['model']:10s} {r['target']:8s} {r['concurrency']:4d} {r['requests_per_s']:9.1f} {r['p50_ms']:8.2f} "
                   f"{r['p99_ms']:8.2f} {r['errors']:6d} {r['wrk_cpu_share']:8.1%} {share:>10s}")
         by = {(r["target"], r["concurrency"]): r for r in record["load"]}
         if ceiling and ("service", 32) in by:
-            print(f"  target 1: service at c=32 is {by[('service', 32)]['requests_per_s'] / ceiling:.0%} of the ceiling (goal >= 85%)")
+            alongside = by_c.get(32, ceiling)
+            print(f"  target 1: service at c=32 is {by[('service', 32)]['requests_per_s'] / alongside:.0%} of the ceiling "
+                  f"measured in the same rounds, {alongside:.1f} img/s (goal >= 85%)")
         if ("service", 1) in by and ("naive", 1) in by:
             gap = by[("service", 1)]["p50_ms"] - by[("naive", 1)]["p50_ms"]
             print(f"  target 2: service p50 at c=1 is {gap:+.2f} ms from the naive endpoint's (goal <= +2 ms)")

@@ -102,9 +102,22 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(self._gather_loop(), name=f"batcher-{self.name}-{self.version}")
 
     def announce(self, count: int) -> Announcement:
-        """Say that `count` images are being decoded for this batcher, so a forming batch may wait for them."""
+        """Say that `count` images are being decoded for this batcher, so a forming batch may wait for them.
+
+        Raises QueueFull at once, before any decoding, when the queued and announced images
+        leave no room for `count` more.
+        """
+        if self.depth + self._incoming + count > self.queue_size:
+            raise self._queue_full()
         self._incoming += count
         return Announcement(self, count)
+
+    def _queue_full(self) -> QueueFull:
+        return QueueFull(
+            f"model {self.name!r} version {self.version} is busy: its queue holds {self.depth} of "
+            f"{self.queue_size} images; retry after {self.retry_after()} s",
+            retry_after=self.retry_after(),
+        )
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained, for a 503's Retry-After."""
@@ -122,11 +135,7 @@ class Batcher:
                 raise BatcherClosed(f"the batcher of {self.name} v{self.version} is closed")
             count = len(images)
             if self.depth + count > self.queue_size:
-                raise QueueFull(
-                    f"model {self.name!r} version {self.version} is busy: its queue holds {self.depth} of "
-                    f"{self.queue_size} images; retry after {self.retry_after()} s",
-                    retry_after=self.retry_after(),
-                )
+                raise self._queue_full()
             loop = asyncio.get_running_loop()
             now = time.monotonic()
             items = [_Item(images[i], loop.create_future(), deadline, now) for i in range(count)]

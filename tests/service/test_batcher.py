@@ -213,3 +213,14 @@ async def test_an_idle_batcher_runs_a_lone_request_in_one_trip_and_keeps_image_e
     assert not batcher.idle(), "with images on their way, a request must join the batch instead"
     announcement.withdraw()
     assert batcher.idle()
+
+
+async def test_a_request_is_refused_before_decoding_when_queued_and_announced_images_fill_the_queue(make_batcher, digits_run):
+    batcher = make_batcher(digits_run, queue_size=4)
+    first = batcher.announce(3)  # three images being decoded by other requests
+    with pytest.raises(QueueFull):
+        batcher.announce(2)
+    second = batcher.announce(1)
+    first.withdraw()
+    second.withdraw()
+    batcher.announce(4).withdraw()
