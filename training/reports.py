@@ -11,7 +11,7 @@ CONFUSION_FILE = "confusion_matrix.png"
 REPORT_FILE = "classification_report.txt"
 
 
-def test_metrics(probabilities: np.ndarray, y: np.ndarray, num_classes: int) -> dict[str, float]:
+def evaluation_metrics(probabilities: np.ndarray, y: np.ndarray, num_classes: int) -> dict[str, float]:
     """Loss, accuracy, AUC (and top-5 accuracy with many classes) from predicted probabilities."""
     import keras
     from sklearn.metrics import f1_score

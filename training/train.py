@@ -260,7 +260,7 @@ def train(config: TrainConfig, run_dir: Path, ledger: Path | None = None) -> dic
     from . import ledger as training_log
     from .datasets import is_image_folder, load_dataset
     from .models import zoo
-    from .reports import CONFUSION_FILE, CURVES_FILE, REPORT_FILE, confusion, per_class_report, plot_confusion, plot_curves, test_metrics
+    from .reports import CONFUSION_FILE, CURVES_FILE, REPORT_FILE, confusion, per_class_report, plot_confusion, plot_curves, evaluation_metrics
 
     config.check()
     models = zoo()
@@ -285,7 +285,7 @@ def train(config: TrainConfig, run_dir: Path, ledger: Path | None = None) -> dic
     history, phases = fit(config, model, data, run_dir)
 
     probabilities = predict(model, data.test.x)
-    metrics = test_metrics(probabilities, data.test.y, len(data.labels))
+    metrics = evaluation_metrics(probabilities, data.test.y, len(data.labels))
     per_class, report_text = per_class_report(probabilities, data.test.y, data.labels)
     matrix = confusion(probabilities, data.test.y, len(data.labels))
 
@@ -371,7 +371,7 @@ def evaluate(run_dir: Path, folder: Path | None = None, batch_size: int = 256) -
     import keras
 
     from .imagefolder import load_folder
-    from .reports import per_class_report, test_metrics
+    from .reports import per_class_report, evaluation_metrics
 
     for required in (MODEL_FILE, RUN_FILE, TEST_SPLIT_FILE):
         if not (run_dir / required).is_file():
@@ -392,7 +392,7 @@ def evaluate(run_dir: Path, folder: Path | None = None, batch_size: int = 256) -
     return {
         "source": source,
         "images": int(len(y)),
-        "metrics": test_metrics(probabilities, y, len(labels)),
+        "metrics": evaluation_metrics(probabilities, y, len(labels)),
         "per_class": per_class,
         "report": report_text,
     }
