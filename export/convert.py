@@ -7,10 +7,16 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from service.artifact import INPUT_NAME, OUTPUT_NAME
 
 from .errors import ExportError
+
+if TYPE_CHECKING:
+    import keras
+    import onnx
+
 
 OPSET = 17
 # Random ops in an ONNX graph mean a layer still behaves as in training.
@@ -28,7 +34,7 @@ def _is_augmentation(layer) -> bool:
     return name.startswith("Random") or name in AUGMENTATION_LAYERS
 
 
-def iter_layers(model) -> list:
+def iter_layers(model: "keras.Model") -> list["keras.layers.Layer"]:
     """Every layer of the model, nested models included, depth first."""
     found = []
     for layer in model.layers:
@@ -46,7 +52,7 @@ def _is_identity_preprocessing(layer) -> bool:
     return scale == 1.0 and offset == 0.0
 
 
-def to_onnx(model, opset: int = OPSET):
+def to_onnx(model: "keras.Model", opset: int = OPSET) -> "onnx.ModelProto":
     """The Keras model as an ONNX ModelProto: uint8 NHWC `image` in, float32 `probabilities` out."""
     import tensorflow as tf
     import tf2onnx
@@ -97,7 +103,7 @@ def _quiet_optimizer_warnings() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _inline_captured_tensors(proto, captured: dict) -> None:
+def _inline_captured_tensors(proto: "onnx.ModelProto", captured: dict) -> None:
     """Turn graph inputs that stand for captured constant tensors into initializers holding their values."""
     from onnx import numpy_helper
 
@@ -121,7 +127,7 @@ class GraphReport:
         return {"augmentation_removed": self.augmentation_removed, "preprocessing_kept": self.preprocessing_kept}
 
 
-def _ops_before_first_weighted_op(proto) -> list[str]:
+def _ops_before_first_weighted_op(proto: "onnx.ModelProto") -> list[str]:
     """Op types on the way from the image input to the first Conv / MatMul / Gemm."""
     consumers: dict[str, list] = {}
     for node in proto.graph.node:
@@ -140,7 +146,7 @@ def _ops_before_first_weighted_op(proto) -> list[str]:
     return ops
 
 
-def check_graph(model, proto) -> GraphReport:
+def check_graph(model: "keras.Model", proto: "onnx.ModelProto") -> GraphReport:
     """Refuse a graph where augmentation survived or preprocessing vanished; say which layers were checked."""
     ops = {node.op_type for node in proto.graph.node}
     random_ops = sorted(ops & RANDOM_OPS)

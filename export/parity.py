@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service.artifact import INPUT_NAME, OUTPUT_NAME
 
 from .errors import ExportError
+
 from .progress import ProgressBar
+
+if TYPE_CHECKING:
+    import keras
+    import onnx
+    import onnxruntime as ort
 
 MAX_PROBABILITY_DIFFERENCE = 1e-4
 MAX_ACCURACY_DROP_POINTS = 1.0
@@ -37,7 +45,7 @@ class Parity:
         }
 
 
-def session_for(proto):
+def session_for(proto: "onnx.ModelProto") -> "ort.InferenceSession":
     """A CPU onnxruntime session on an in-memory model: parity is about the graph, not the hardware."""
     import onnxruntime as ort
 
@@ -46,7 +54,7 @@ def session_for(proto):
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _batches(images: np.ndarray, batch_size: int, show_progress: bool):
+def _batches(images: np.ndarray, batch_size: int, show_progress: bool) -> Iterator[np.ndarray]:
     bar = ProgressBar(len(images)) if show_progress else None
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
@@ -55,12 +63,12 @@ def _batches(images: np.ndarray, batch_size: int, show_progress: bool):
             bar.advance(len(batch))
 
 
-def onnx_probabilities(proto, images: np.ndarray, batch_size: int = BATCH_SIZE, show_progress: bool = False) -> np.ndarray:
+def onnx_probabilities(proto: "onnx.ModelProto", images: np.ndarray, batch_size: int = BATCH_SIZE, show_progress: bool = False) -> np.ndarray:
     session = session_for(proto)
     return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: b})[0] for b in _batches(images, batch_size, show_progress)])
 
 
-def keras_probabilities(model, images: np.ndarray, batch_size: int = BATCH_SIZE, show_progress: bool = False) -> np.ndarray:
+def keras_probabilities(model: "keras.Model", images: np.ndarray, batch_size: int = BATCH_SIZE, show_progress: bool = False) -> np.ndarray:
     # Direct calls in inference mode, as the exported function calls the model.
     return np.concatenate([np.asarray(model(b, training=False)) for b in _batches(images, batch_size, show_progress)])
 
@@ -135,7 +143,7 @@ class VariantCheck:
 
 
 def check_variant(
-    precision: str, reference: np.ndarray, proto, images: np.ndarray, y: np.ndarray | None, force: bool = False, show_progress: bool = False
+    precision: str, reference: np.ndarray, proto: "onnx.ModelProto", images: np.ndarray, y: np.ndarray | None, force: bool = False, show_progress: bool = False
 ) -> VariantCheck:
     """Refuse a variant that loses more than a point of accuracy, unless forced."""
     got = onnx_probabilities(proto, images, show_progress=show_progress)

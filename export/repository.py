@@ -6,13 +6,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.artifact import MODEL_FILENAME, ModelMetadata, list_versions
 
 from .errors import ExportError
 
+if TYPE_CHECKING:
+    import onnx
 
-def attach_metadata(proto, metadata: ModelMetadata) -> None:
+
+def attach_metadata(proto: "onnx.ModelProto", metadata: ModelMetadata) -> None:
     """Put the metadata into the ONNX file's `metadata_props`, replacing what a key held before."""
     for key, value in metadata.to_metadata_props().items():
         entry = next((p for p in proto.metadata_props if p.key == key), None) or proto.metadata_props.add()
@@ -38,7 +42,7 @@ def check_version_free(repository: Path, name: str, version: int, overwrite: boo
         raise ExportError(f"{target} already exists: choose another version or pass --overwrite")
 
 
-def write_atomically(files: dict[str, object], repository: Path, name: str, version: int, overwrite: bool = False) -> Path:
+def write_atomically(files: dict[str, "onnx.ModelProto"], repository: Path, name: str, version: int, overwrite: bool = False) -> Path:
     """Write `<repository>/<name>/<version>/` with its files so a watcher never sees a partial model.
 
     `files` maps file names to ONNX protos and must hold model.onnx. They are written into a hidden

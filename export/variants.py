@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,11 +13,15 @@ from service.artifact import INPUT_NAME
 
 from .errors import ExportError
 
+if TYPE_CHECKING:
+    import onnx
+
+
 VARIANTS = ("float16", "int8")
 CALIBRATION_IMAGES = 200
 
 
-def to_float16(proto):
+def to_float16(proto: "onnx.ModelProto") -> "onnx.ModelProto":
     """Float16 weights and arithmetic; `image` stays uint8 and `probabilities` float32 for the service."""
     from onnxconverter_common import float16
 
@@ -45,7 +50,7 @@ class _ImageReader:
         pass
 
 
-def to_int8(proto, calibration: np.ndarray):
+def to_int8(proto: "onnx.ModelProto", calibration: np.ndarray) -> "onnx.ModelProto":
     """Static int8 quantisation (QDQ, per-channel weights) calibrated on training images."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -76,7 +81,7 @@ def to_int8(proto, calibration: np.ndarray):
         return onnx.load(folder / "int8.onnx")
 
 
-def make_variant(precision: str, proto, calibration: np.ndarray | None = None):
+def make_variant(precision: str, proto: "onnx.ModelProto", calibration: np.ndarray | None = None) -> "onnx.ModelProto":
     if precision == "float16":
         return to_float16(proto)
     if precision == "int8":
