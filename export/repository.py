@@ -64,13 +64,18 @@ def write_atomically(files: dict[str, "onnx.ModelProto"], repository: Path, name
                 f.write(files[filename].SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
-        if target.exists():
+        if overwrite and target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{version}.old.", dir=folder))
             os.replace(target, retired / "model")
             os.replace(staging, target)
             shutil.rmtree(retired, ignore_errors=True)
         else:
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if target.exists():  # another export took this version between the check and the rename
+                    raise ExportError(f"{target} was written by another export meanwhile: export again for the next version") from None
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         # A failed first export leaves no empty model folder behind.

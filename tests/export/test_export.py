@@ -283,3 +283,27 @@ def test_a_bad_model_name_is_refused(digits_run, tmp_path):
     with pytest.raises(ExportError, match="model name"):
         _export(load_run(digits_run), tmp_path / "models", name="../escape")
     assert not (tmp_path / "models").exists()
+
+
+def test_a_version_taken_by_a_concurrent_export_is_refused_without_touching_it(tmp_path, monkeypatch):
+    from export import repository as repo
+
+    proto = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
+    )
+    other = tmp_path / "models" / "m" / "1"
+
+    def another_export_wins(repository, name, version, overwrite):
+        # The other export finishes between this one's check and its rename.
+        other.mkdir(parents=True)
+        (other / "model.onnx").write_bytes(b"the other export's model")
+
+    monkeypatch.setattr(repo, "check_version_free", another_export_wins)
+    with pytest.raises(ExportError, match="written by another export meanwhile"):
+        repo.write_atomically({"model.onnx": proto}, tmp_path / "models", "m", 1)
+    assert (other / "model.onnx").read_bytes() == b"the other export's model"
+    assert _repository_files(tmp_path / "models") == ["m", "m/1", "m/1/model.onnx"]
