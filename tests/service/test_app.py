@@ -1,0 +1,33 @@
+"""The application factory in-process: an app built from its own settings, its lifespan run by the test."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+
+from service.app import create_app
+from service.runtime import resolve_device
+from service.settings import Settings
+from tests.service.conftest import make_repository, metric_value, png_bytes
+
+
+async def test_an_app_built_from_its_own_settings_loads_serves_and_drains_in_its_lifespan(tmp_path, exported, digits_test_split):
+    repository = make_repository(tmp_path, {"digits": exported["digits"]})
+    settings = Settings(repository=repository, max_batch_size=4, watch_interval_s=0, max_files_per_request=10)
+    app = create_app(settings, resolve_device("cpu"))
+    images = digits_test_split.x[:10]
+    files = [("files", (f"d{i}.png", png_bytes(image[:, :, 0]), "image/png")) for i, image in enumerate(images)]
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/health")).status_code == 200
+            r = await client.post("/predict/digits?top_k=1", files=files)
+            assert r.status_code == 200, r.text
+            assert [p["filename"] for p in r.json()["predictions"]] == [f"d{i}.png" for i in range(10)]
+            metrics = (await client.get("/metrics")).text
+    # Ten images with batches of at most four: the request spanned at least three batches.
+    assert metric_value(metrics, "kos_batch_size_count", model="digits") >= 3
+    assert metric_value(metrics, "kos_images_total", model="digits") == 10
+    served = app.state.registry.get("digits")
+    assert served.batcher is not None and served.batcher._closing, "the lifespan's end closes the batchers"
+    assert np.isfinite([p["probability"] for p in r.json()["predictions"]]).all()
