@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from service.artifact import PRECISION_FILENAMES, ModelMetadata
 
@@ -44,6 +45,12 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -74,14 +81,31 @@ def export(
     if unknown:
         raise ExportError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     check_name(name)
-    version = version or next_version(repository, name)
+    version = next_version(repository, name) if version is None else version
     # Refuse a taken version before minutes of conversion, and again when writing.
     check_version_free(repository, name, version, overwrite)
-    held_out = images or source.held_out
+    held_out = images if images is not None else source.held_out
     if held_out is None or len(held_out.x) == 0:
         raise ExportError("parity needs held-out images: give a folder of them with --images")
     if tuple(held_out.x.shape[1:]) != tuple(source.input_shape):
         raise ExportError(f"held-out images are {held_out.x.shape[1:]}, the model takes {source.input_shape}")
+    described = dict(
+        name=name,
+        labels=source.labels,
+        height=source.input_shape[0],
+        width=source.input_shape[1],
+        channels=source.input_shape[2],
+        color_mode=source.color_mode,
+        resize_method=source.resize_method,
+        architecture=source.architecture,
+        dataset=source.dataset,
+        source_run=source.source_run,
+    )
+    try:
+        # What the source says about itself must fit the schema before anything is converted.
+        ModelMetadata(**described)
+    except ValidationError as exc:
+        raise ExportError(f"the source cannot be described for the service: {_first_error(exc)}") from None
     if "int8" in variants and calibration is None:
         # Before minutes of conversion: a run whose training images cannot be reloaded fails now.
         calibration = training_images(source, CALIBRATION_IMAGES).x
@@ -110,17 +134,8 @@ def export(
         checks[precision] = check_variant(precision, got, protos[precision], held_out.x, held_out.y, force_variants, show_progress)
 
     progress(f"[{steps}/{steps}] writing {repository / name / str(version)}")
-    common = dict(
-        name=name,
-        labels=source.labels,
-        height=source.input_shape[0],
-        width=source.input_shape[1],
-        channels=source.input_shape[2],
-        color_mode=source.color_mode,
-        resize_method=source.resize_method,
-        architecture=source.architecture,
-        dataset=source.dataset,
-        source_run=source.source_run,
+    metadata = ModelMetadata(
+        **described,
         metrics=metrics,
         parity={**parity.as_metadata(), "images_from": held_out.origin},
         versions=tool_versions(),
@@ -128,7 +143,6 @@ def export(
         graph_checks=graph.as_metadata(),
         variants={p: c.as_metadata() for p, c in checks.items()},
     )
-    metadata = ModelMetadata(**common)
     files = {}
     for precision, variant_proto in protos.items():
         # One creation time for all files of a version.

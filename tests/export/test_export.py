@@ -307,3 +307,15 @@ def test_a_version_taken_by_a_concurrent_export_is_refused_without_touching_it(t
         repo.write_atomically({"model.onnx": proto}, tmp_path / "models", "m", 1)
     assert (other / "model.onnx").read_bytes() == b"the other export's model"
     assert _repository_files(tmp_path / "models") == ["m", "m/1", "m/1/model.onnx"]
+
+
+def test_a_run_record_that_contradicts_its_model_is_refused_before_conversion(digits_run, tmp_path):
+    source = load_run(digits_run)
+    source.color_mode = "rgb"  # the model takes one channel
+    with pytest.raises(ExportError, match="cannot be described for the service: .*color_mode 'rgb' needs 3 channel"):
+        _export(source, tmp_path / "models", converter=_must_not_run)
+    assert not (tmp_path / "models").exists()
+
+
+def _must_not_run(model, opset):
+    raise AssertionError("the conversion ran although the export was already refused")
