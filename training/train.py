@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -226,6 +227,7 @@ def fit(config: TrainConfig, model: "keras.Model", data: "Dataset", run_dir: Pat
             "epochs_run": len(result.history.get("loss", [])),
             "learning_rate": learning_rate,
             "trainable_weights": sum(int(np.prod(w.shape)) for w in model.trainable_weights),
+            "kept": True,  # whether the final model holds this phase's best weights
         })
 
     backbone = find_backbone(model)
@@ -238,7 +240,17 @@ def fit(config: TrainConfig, model: "keras.Model", data: "Dataset", run_dir: Pat
             f"fine-tune (top {unfrozen} layers of the base)", config.fine_tune_epochs,
             config.fine_tune_learning_rate or config.learning_rate / 10, best,
         )
-        # The saved model is an inference model; whether its base was trainable does not matter to it.
+        fine_tuned = history[config.monitor][phases[-1]["first_epoch"] - 1 :]
+        improved = any((v < best) if config.monitor == "val_loss" else (v > best) for v in fine_tuned)
+        if not improved:
+            # Fine-tuning never beat the head alone: early stopping restored phase 2's best, but the
+            # checkpoint still holds phase 1's, which is the better model.
+            with warnings.catch_warnings():
+                # The checkpoint's optimiser belongs to phase 1; only the model's weights are wanted.
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                model.load_weights(run_dir / CHECKPOINT_FILE)
+            phases[-1]["kept"] = False
+            print(f"fine-tuning did not improve {config.monitor} ({best:.4f}): keeping the head-only model", flush=True)
     return history, phases
 
 

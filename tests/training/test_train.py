@@ -119,19 +119,25 @@ def test_the_same_seed_trains_the_same_model(digits_run, tmp_path):
     assert first["metrics"] == second["metrics"]
 
 
-def test_a_transfer_model_trains_in_two_phases_on_an_image_folder(image_folder, tmp_path):
+def test_a_transfer_model_trains_in_two_phases_and_keeps_the_better_one(image_folder, tmp_path):
+    # A learning rate far too high for fine-tuning: phase 2 cannot beat the head alone, so the
+    # head-only model from phase 1 must be the one saved.
     config = TrainConfig(model="mobilenet_v3_small", dataset=str(image_folder), image_size=(32, 32), weights="none",
-                         epochs=1, fine_tune_epochs=1, fine_tune_layers=10, batch_size=8)
+                         epochs=1, fine_tune_epochs=1, fine_tune_layers=10, fine_tune_learning_rate=1e4, batch_size=8)
     record = train(config, tmp_path / "run")
     assert [p["name"].split(" ")[0] for p in record["phases"]] == ["head", "fine-tune"]
     head, fine = record["phases"]
-    assert fine["learning_rate"] == pytest.approx(1e-4) and fine["trainable_weights"] > head["trainable_weights"]
+    assert fine["learning_rate"] == 1e4 and fine["trainable_weights"] > head["trainable_weights"]
+    assert head["kept"] is True and fine["kept"] is False
     assert record["epochs_run"] == 2 and len(record["history"]["loss"]) == 2
     assert record["dataset"] == "weather" and record["labels"] == ["cloudy", "rainbow", "sandstorm"]
     assert record["input_shape"] == [32, 32, 3] and record["color_mode"] == "rgb"
     assert record["split_sizes"] == {"train": 24, "validation": 6, "test": 6}
     model = keras.models.load_model(tmp_path / "run" / MODEL_FILE)
+    head_only = keras.models.load_model(tmp_path / "run" / "checkpoint.keras")
     assert model.get_layer("backbone") is not None
+    with np.load(tmp_path / "run" / TEST_SPLIT_FILE) as split:
+        np.testing.assert_allclose(model.predict(split["x"], verbose=0), head_only.predict(split["x"], verbose=0), atol=1e-6)
 
 
 def test_a_scratch_model_learns_an_image_folder_with_augmentation(make_image_folder, tmp_path):
