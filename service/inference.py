@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
 from .batcher import BatcherClosed
+from .errors import DeadlineExceeded
 from .imaging import decode_image
 from .registry import Registry, ServedModel
 from .schemas import ClassScore, Prediction, PredictResponse
@@ -33,6 +35,8 @@ async def _predict_once(
     loop = asyncio.get_running_loop()
     if len(uploads) == 1 and batcher.idle():
         # Nothing to batch with: decode and run in one trip to the inference thread.
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded("the request's deadline passed before its image ran (its upload took that long); nothing was run")
         upload = uploads[0]
         probabilities = await batcher.run_alone(
             lambda: decode_image(upload.data, upload.filename, spec, max_pixels)[None]
