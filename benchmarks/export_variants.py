@@ -78,34 +78,44 @@ def generated_run(model_name: str, run_dir: Path, epochs: int, seed: int = 0) ->
     return x
 
 
-def measure(path: Path, x: np.ndarray, y: np.ndarray, batch: int, seconds: float, threads: int) -> dict[str, float]:
-    """Accuracy, single-image latency (median ms) and batch throughput (images/s) of one file on the CPU."""
+def measure(paths: dict[str, Path], x: np.ndarray, y: np.ndarray, batch: int, seconds: float, threads: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Accuracy, single-image latency (median ms) and batch throughput (images/s) of each file on the CPU.
+
+    The files take turns, round after round, so a machine whose load drifts during the run
+    slows each of them alike and the ratios stay fair.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    probabilities = np.concatenate([session.run(None, {"image": x[i : i + 256]})[0] for i in range(0, len(x), 256)])
-    accuracy = float((probabilities.argmax(1) == y).mean())
-
-    def timed(images: np.ndarray) -> list[float]:
-        for _ in range(5):  # warm-up: first runs allocate and pick kernels
-            session.run(None, {"image": images})
-        times, deadline = [], time.perf_counter() + seconds
-        while time.perf_counter() < deadline or len(times) < 10:
-            started = time.perf_counter()
-            session.run(None, {"image": images})
-            times.append(time.perf_counter() - started)
-        return times
-
-    single = timed(x[:1])
-    batched = timed(np.resize(x, (batch, *x.shape[1:])))
-    return {
-        "bytes": path.stat().st_size,
-        "accuracy": accuracy,
-        "latency_ms": 1000 * statistics.median(single),
-        "images_per_s": batch / statistics.median(batched),
-    }
+    sessions = {p: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]) for p, path in paths.items()}
+    single, batched = x[:1], np.resize(x, (batch, *x.shape[1:]))
+    samples: dict[str, dict[str, list[float]]] = {p: {"single": [], "batched": []} for p in paths}
+    for session in sessions.values():
+        for images in (single, batched):
+            for _ in range(5):  # warm-up: first runs allocate and pick kernels
+                session.run(None, {"image": images})
+    for round_ in range(rounds):
+        print(f"  timing round {round_ + 1}/{rounds}", file=sys.stderr, flush=True)
+        for precision, session in sessions.items():
+            for kind, images in (("single", single), ("batched", batched)):
+                deadline = time.perf_counter() + seconds / (2 * rounds)
+                while True:
+                    started = time.perf_counter()
+                    session.run(None, {"image": images})
+                    samples[precision][kind].append(time.perf_counter() - started)
+                    if time.perf_counter() > deadline:
+                        break
+    rows = {}
+    for precision, session in sessions.items():
+        probabilities = np.concatenate([session.run(None, {"image": x[i : i + 256]})[0] for i in range(0, len(x), 256)])
+        rows[precision] = {
+            "bytes": paths[precision].stat().st_size,
+            "accuracy": float((probabilities.argmax(1) == y).mean()),
+            "latency_ms": 1000 * statistics.median(samples[precision]["single"]),
+            "images_per_s": batch / statistics.median(samples[precision]["batched"]),
+        }
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--generated", metavar="MODEL", help="a zoo model fitted on generated images, e.g. cifar10_cnn")
     parser.add_argument("--epochs", type=int, default=10, help="epochs for --generated (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=64, help="batch size of the throughput figure (default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="timing per measurement (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="timing per file, all rounds together (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds in which the files take turns (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, 0 = all cores (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=Path("export_variants.json"), help="where the figures go (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -142,10 +153,9 @@ def main(argv: list[str] | None = None) -> None:
         except ExportError as exc:
             sys.exit(f"export refused: {exc}")
         x, y = run.held_out.x, run.held_out.y
-        rows = {}
-        for precision in ("float32", "float16", "int8"):
-            print(f"measuring {precision} on the CPU", file=sys.stderr, flush=True)
-            rows[precision] = measure(model_path(repository, "bench", 1, precision), x, y, args.batch, args.seconds, args.threads)
+        print("measuring float32, float16 and int8 on the CPU, taking turns", file=sys.stderr, flush=True)
+        paths = {p: model_path(repository, "bench", 1, p) for p in ("float32", "float16", "int8")}
+        rows = measure(paths, x, y, args.batch, args.seconds, args.threads, args.rounds)
 
     base = rows["float32"]
     for row in rows.values():
@@ -170,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         "source": str(run_dir) if args.run else f"generated ({args.epochs} epochs)",
         "held_out_images": len(x),
         "batch": args.batch,
+        "rounds": args.rounds,
+        "seconds_per_file": args.seconds,
         "threads": args.threads or os.cpu_count(),
         "machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "parity": result.parity.as_metadata(),
