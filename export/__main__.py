@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .variants import CALIBRATION_IMAGES, VARIANTS
 
     parser = argparse.ArgumentParser(
-        prog="python -m export", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m export",
+        usage="python -m export SOURCE --name NAME [options]\n       python -m export show PATH",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", type=Path, help="training run folder, or a saved Keras model (.keras) with --labels")
     parser.add_argument("--name", required=True, help="served model name: the repository folder and the URL's /predict/<name>")
