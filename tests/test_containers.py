@@ -195,10 +195,12 @@ def engine():
     try:
         yield engine
     finally:
-        engine.close()
-        if engine.host_state is not None:
-            leftovers = engine.host_state.leftovers()
-            assert not leftovers, f"the container tests left these on the host: {leftovers}"
+        try:
+            engine.close()
+            leftovers = engine.host_state.leftovers() if engine.host_state is not None else []
+        finally:
+            engine.release()
+        assert not leftovers, f"the container tests left these on the host: {leftovers}"
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ found it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
 import shutil
@@ -42,6 +43,7 @@ class Engine:
     env: dict[str, str] = field(default_factory=dict)
     workdir: Path | None = None  # podman's private state, removed by close()
     host_state: "HostNetworkState | None" = None
+    lock: "HostLock | None" = None
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
         return run([*self.cli, *args], env=self.env, check=check, timeout=timeout, **kwargs)
@@ -61,6 +63,12 @@ class Engine:
         if self.host_state is not None:
             self.host_state.restore()
         self.workdir = None
+
+    def release(self) -> None:
+        """Let the next run on this host start (after close() and any check of the host state)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None, check: bool = True, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -122,6 +130,9 @@ def _podman() -> Engine:
     compose = _which("podman-compose")
     if compose is None:
         raise EngineUnavailable("podman: podman-compose is not installed (it is in the `dev` extra)")
+    # Podman's CNI state (bridge, iptables chains) is host-wide: runs on one host take turns, so
+    # that one run's clean-up never removes what another run's containers still use.
+    lock = HostLock.acquire(timeout=float(os.environ.get("KOS_TEST_LOCK_TIMEOUT", "1800")))
     host_state = HostNetworkState.capture()
     workdir = Path(tempfile.mkdtemp(prefix="kos-podman-"))
     (workdir / "net.d").mkdir()
@@ -148,12 +159,40 @@ def _podman() -> Engine:
         # Docker's image format, which keeps HEALTHCHECK (OCI's has none), for podman-compose's builds too.
         "BUILDAH_FORMAT": "docker",
     }
-    engine = Engine("podman", [podman], [compose], env=env, workdir=workdir, host_state=host_state)
+    engine = Engine("podman", [podman], [compose], env=env, workdir=workdir, host_state=host_state, lock=lock)
     info = engine("info", "--format", "{{.Host.OCIRuntime.Name}} {{.Store.GraphDriverName}}", check=False, timeout=120)
     if info.returncode != 0:
         engine.close()
+        engine.release()
         raise EngineUnavailable(f"podman: cannot start here ({info.stderr.strip()[-500:]})")
     return engine
+
+
+class HostLock:
+    """An exclusive lock for the whole host (flock on a file in /run/lock), held by one test run at a time."""
+
+    PATH = Path("/run/lock" if Path("/run/lock").is_dir() else tempfile.gettempdir()) / "keras-onnx-serve-containers.lock"
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    @classmethod
+    def acquire(cls, timeout: float) -> "HostLock":
+        handle = open(cls.PATH, "a")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return cls(handle)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    handle.close()
+                    raise EngineUnavailable(f"podman: another container test run on this host held {cls.PATH} for {timeout:.0f}s")
+                time.sleep(1)
+
+    def release(self) -> None:
+        fcntl.flock(self._handle, fcntl.LOCK_UN)
+        self._handle.close()
 
 
 def unmount_under(folder: Path) -> None:
