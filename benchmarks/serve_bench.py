@@ -19,7 +19,6 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
