@@ -139,3 +139,12 @@ async def post_many(url: str, bodies: list[list[tuple]], timeout: float = 120) -
     limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         return await asyncio.gather(*(client.post(url, files=files) for files in bodies))
+
+
+@pytest.fixture(scope="session")
+def no_working_cuda() -> None:
+    """Skip a test that pins down this machine's case: onnxruntime-gpu installed, CUDA unusable."""
+    from service.runtime import cuda_problem
+
+    if cuda_problem() is None:
+        pytest.skip("CUDA works on this machine; the test is about a machine where it does not")

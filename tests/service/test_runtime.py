@@ -8,13 +8,13 @@ import pytest
 from service.runtime import CPU, CUDA, Device, DeviceUnavailable, pad_size, padded_sizes, resolve_device, warmup_batch_sizes
 
 
-def test_auto_falls_back_to_cpu_and_says_why():
+def test_auto_falls_back_to_cpu_and_says_why(no_working_cuda):
     device = resolve_device("auto")
     assert device.providers == (CPU,)
     assert "serving on CPU because" in device.reason and "CUDA" in device.reason
 
 
-def test_cuda_is_refused_when_a_session_cannot_really_run_on_it():
+def test_cuda_is_refused_when_a_session_cannot_really_run_on_it(no_working_cuda):
     assert CUDA in ort.get_available_providers()  # listed, yet unusable: the silent fall-back case
     with pytest.raises(DeviceUnavailable, match="device=cuda but onnxruntime could not start CUDA"):
         resolve_device("cuda")

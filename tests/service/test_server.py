@@ -216,7 +216,7 @@ def test_metrics_expose_requests_latency_images_batches_queue_and_inference(mixe
     assert metric_value(text, "kos_images_total", model="digits") >= 3
 
 
-def test_health_and_models_show_the_device_really_used(mixed_server):
+def test_health_and_models_show_the_device_really_used(mixed_server, no_working_cuda):
     health = httpx.get(f"{mixed_server.url}/health").json()
     assert health["status"] == "ready"
     assert health["device"]["providers"] == ["CPUExecutionProvider"]
@@ -402,7 +402,7 @@ def test_cors_origins_and_json_logs(tmp_path, start_server, exported):
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
 
 
-def test_device_cuda_refuses_to_start_where_cuda_does_not_work(bundled_repository):
+def test_device_cuda_refuses_to_start_where_cuda_does_not_work(bundled_repository, no_working_cuda):
     # onnxruntime-gpu lists CUDAExecutionProvider here, but the CUDA libraries are missing: the real fall-back case.
     assert "CUDAExecutionProvider" in ort.get_available_providers()
     result = subprocess.run(
