@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import httpx
 import numpy as np
+import pytest
 
 from service.app import create_app
+from service.artifact import model_path
+from service.errors import ModelNotFound
+from service.metrics import Metrics
+from service.registry import Registry
 from service.runtime import resolve_device
 from service.settings import Settings
 from tests.service.conftest import make_repository, metric_value, png_bytes
@@ -31,3 +39,24 @@ async def test_an_app_built_from_its_own_settings_loads_serves_and_drains_in_its
     served = app.state.registry.get("digits")
     assert served.batcher is not None and served.batcher._closing, "the lifespan's end closes the batchers"
     assert np.isfinite([p["probability"] for p in r.json()["predictions"]]).all()
+
+
+async def test_a_broken_replacement_is_refused_and_a_removed_version_is_unloaded_after_two_scans(tmp_path, exported):
+    repository = make_repository(tmp_path / "models", {"digits": exported["digits"]})
+    registry = Registry(Settings(repository=repository, watch_interval_s=0), resolve_device("cpu"), Metrics())
+    registry.load_all()
+    registry.start()
+    working = registry.get("digits")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    os.replace(broken, model_path(repository, "digits", 1))  # a new file in place, as a rename does
+    changes = await registry.refresh()
+    assert len(changes) == 1 and "replacement refused" in changes[0]
+    assert registry.get("digits") is working and working.state == "ready"
+    assert await registry.refresh() == [], "the same broken file is not retried every scan"
+    shutil.rmtree(repository / "digits" / "1")
+    assert await registry.refresh() == [], "one scan without the folder may be a replacement in progress"
+    assert await registry.refresh() == ["digits v1: removed"]
+    with pytest.raises(ModelNotFound):
+        registry.get("digits")
+    await registry.close()
