@@ -32,29 +32,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def class_images(shape: tuple[int, int, int], classes: int, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each class a fixed random template under noise: a small CNN learns it in a few epochs."""
-    rng = np.random.default_rng(seed)
-    templates = np.random.default_rng(1234).integers(0, 256, (classes, *shape)).astype(np.float32)
-    y = np.repeat(np.arange(classes), per_class)
-    noise = rng.integers(0, 256, (len(y), *shape)).astype(np.float32)
-    x = np.clip(0.75 * templates[y] + 0.25 * noise, 0, 255).astype(np.uint8)
-    order = rng.permutation(len(y))
-    return x[order], y[order].astype(np.int64)
-
-
 def generated_run(model_name: str, run_dir: Path, epochs: int, seed: int = 0) -> np.ndarray:
     """Fit a zoo model on generated images and write its run folder; returns the training images for calibration."""
     import keras
 
+    from training.datasets import template_images
     from training.models import zoo
 
     spec = zoo()[model_name]
     shape = (*spec.default_size, 1 if spec.default_color_mode == "grayscale" else 3)
     classes = 10
     keras.utils.set_random_seed(seed)
-    x, y = class_images(shape, classes, 100, seed)
-    x_test, y_test = class_images(shape, classes, 50, seed + 1)
+    x, y = template_images(shape, classes, 100, seed)
+    x_test, y_test = template_images(shape, classes, 50, seed + 1)
     options = {"weights": None} if spec.transfer else {}
     model = spec.build(shape, classes, **options)
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])

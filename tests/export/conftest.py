@@ -9,18 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from training.datasets import template_images
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def class_images(shape: tuple[int, int, int], labels_count: int, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images a small CNN learns in an epoch: each class is a fixed random template under noise."""
-    rng = np.random.default_rng(seed)
-    templates = np.random.default_rng(1234).integers(0, 256, (labels_count, *shape)).astype(np.float32)
-    y = np.repeat(np.arange(labels_count), per_class)
-    noise = rng.integers(0, 256, (len(y), *shape)).astype(np.float32)
-    x = np.clip(0.75 * templates[y] + 0.25 * noise, 0, 255).astype(np.uint8)
-    order = rng.permutation(len(y))
-    return x[order], y[order].astype(np.int64)
 
 
 def write_run(run_dir: Path, model, labels: list[str], x_test: np.ndarray, y_test: np.ndarray, dataset: str, architecture: str) -> Path:
@@ -69,8 +60,8 @@ def cifar10_run(tmp_path_factory) -> Path:
 
     keras.utils.set_random_seed(0)
     labels = [f"class{i}" for i in range(10)]
-    x, y = class_images((32, 32, 3), 10, 20, seed=0)
-    x_test, y_test = class_images((32, 32, 3), 10, 10, seed=1)
+    x, y = template_images((32, 32, 3), 10, 20, seed=0)
+    x_test, y_test = template_images((32, 32, 3), 10, 10, seed=1)
     model = build_model("cifar10_cnn", (32, 32, 3), 10)
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x, y, epochs=2, batch_size=32, verbose=0)
