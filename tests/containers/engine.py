@@ -13,6 +13,7 @@ import fcntl
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -207,7 +208,8 @@ def unmount_under(folder: Path) -> None:
 
 
 # Where CNI plugins keep host-wide state outside podman's own folders.
-_CNI_STATE_DIRS = [Path("/var/lib/cni/networks"), Path("/var/lib/cni/results"), Path("/run/containers/cni/dnsname")]
+_DNSNAME = Path("/run/containers/cni/dnsname")  # the dnsname plugin: one dnsmasq per network
+_CNI_STATE_DIRS = [Path("/var/lib/cni/networks"), Path("/var/lib/cni/results"), _DNSNAME]
 _CNI_STATE_ROOTS = [Path("/var/lib/cni"), Path("/run/containers"), Path("/var/lib/containers")]
 
 
@@ -220,6 +222,7 @@ class HostNetworkState:
     entries: set[Path]
     roots: set[Path]
     ip_forward: str | None
+    dnsmasq: set[int]
 
     @classmethod
     def capture(cls) -> "HostNetworkState":
@@ -229,6 +232,7 @@ class HostNetworkState:
             entries={entry for d in _CNI_STATE_DIRS if d.is_dir() for entry in d.iterdir()},
             roots={r for r in _CNI_STATE_ROOTS if r.exists()},
             ip_forward=_read(Path("/proc/sys/net/ipv4/ip_forward")),
+            dnsmasq=set(_dnsmasq_processes()),
         )
 
     def restore(self) -> None:
@@ -246,6 +250,16 @@ class HostNetworkState:
                 subprocess.run([binary, "-t", table, "-F", chain], capture_output=True)
             for chain in new_chains:
                 subprocess.run([binary, "-t", table, "-X", chain], capture_output=True)
+        # The dnsname plugin's dnsmasq of a network whose teardown did not stop it holds the bridge address.
+        stray = set(_dnsmasq_processes()) - self.dnsmasq
+        for pid in stray:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while stray & set(_dnsmasq_processes()) and time.monotonic() < deadline:
+            time.sleep(0.2)
         for d in _CNI_STATE_DIRS:
             if d.is_dir():
                 for entry in set(d.iterdir()) - self.entries:
@@ -263,7 +277,23 @@ class HostNetworkState:
         for key, lines in now.iptables.items():
             found += [f"{key[0]} -t {key[1]} {l}" for l in lines if _is_cni(l) and l not in set(self.iptables.get(key, []))]
         found += [str(e) for e in sorted(now.entries - self.entries)]
+        found += [f"process {p}" for p in _dnsmasq_processes() if p not in self.dnsmasq]
         return found
+
+
+def _dnsmasq_processes() -> dict[int, str]:
+    """The dnsmasq processes the dnsname plugin started, by pid."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith("dnsmasq") and any(a.startswith(f"--conf-file={_DNSNAME}/") for a in cmdline):
+            found[int(proc.name)] = " ".join(cmdline).strip()
+    return found
 
 
 def _is_cni(rule: str) -> bool:
