@@ -58,6 +58,9 @@ def write_atomically(files: dict[str, "onnx.ModelProto"], repository: Path, name
     target = folder / str(version)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=folder))
     try:
+        # mkdtemp makes a private folder; a repository is read by the service, often as another user
+        # (the container's non-root user), so the version folder must be as readable as any other.
+        staging.chmod(0o755)
         # model.onnx last: if anything fails before, no version folder appears at all.
         for filename in sorted(files, key=lambda f: f == MODEL_FILENAME):
             with open(staging / filename, "wb") as f:

@@ -319,3 +319,10 @@ def test_a_run_record_that_contradicts_its_model_is_refused_before_conversion(di
 
 def _must_not_run(model, opset):
     raise AssertionError("the conversion ran although the export was already refused")
+
+
+def test_a_written_version_is_readable_by_other_users_like_the_service_in_its_container(digits_run, tmp_path):
+    result = _export(load_run(digits_run), tmp_path / "models", name="digits")
+
+    assert result.path.parent.stat().st_mode & 0o777 == 0o755
+    assert result.path.stat().st_mode & 0o004, "the model file must be readable by others"
