@@ -9,10 +9,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .artifact import ModelMetadata
-from .errors import ImageTooLarge, UnsupportedImage
+from .errors import ImageTooLarge, ServiceError, UnsupportedImage
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
@@ -64,9 +64,13 @@ def decode_image(data: bytes, filename: str, spec: ModelMetadata, max_pixels: in
         image.load()
         image = ImageOps.exif_transpose(image)
         image = _to_mode(image, spec.color_mode)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        if isinstance(exc, Image.DecompressionBombError):
-            raise ImageTooLarge(f"{filename}: image is too large to decode safely") from exc
+    except ServiceError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{filename}: image is too large to decode safely") from exc
+    except Exception as exc:
+        # Everything in this block is Pillow reading untrusted bytes: a malformed file can make it raise
+        # almost anything (struct.error, TypeError, ...), and each is the client's bad file, not a 500.
         raise UnsupportedImage(f"{filename}: not a readable image ({type(exc).__name__})") from exc
     if image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), resample=_RESAMPLE[spec.resize_method])

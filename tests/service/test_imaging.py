@@ -6,6 +6,7 @@ import io
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,3 +147,31 @@ def test_a_readable_but_unsupported_format_is_415():
     data = encode(base_rgb(), "PPM")
     with pytest.raises(UnsupportedImage, match="PPM images are not supported"):
         decode_image(data, "x.ppm", RGB32, 10**7)
+
+
+@pytest.mark.parametrize("name", ["mangled_exif.jpeg", "mangled_tags.tiff"])
+def test_an_image_whose_tags_crash_the_decoder_is_415_not_500(name):
+    # Byte-mutated files found by fuzzing: Pillow raises struct.error / TypeError on them.
+    data = (Path(__file__).parent / "data" / name).read_bytes()
+    with pytest.raises(UnsupportedImage, match=name):
+        decode_image(data, name, RGB32, 10**7)
+
+
+def test_no_mutation_of_an_images_header_escapes_as_anything_but_a_4xx():
+    rng = np.random.default_rng(7)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Camera"
+    for fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(buffer, fmt, exif=exif.tobytes())
+        original = buffer.getvalue()
+        start = max(original.find(b"Exif"), 0)
+        for _ in range(150):
+            data = bytearray(original)
+            for position in rng.integers(start, min(len(data), start + 200), size=rng.integers(1, 5)):
+                data[position] = rng.integers(0, 256)
+            try:
+                decode_image(bytes(data), "fuzzed", RGB32, 10**7)
+            except (UnsupportedImage, ImageTooLarge):
+                pass
