@@ -68,6 +68,9 @@ def _least_per_class(validation: float, test: float) -> int:
 
 def _check_class_sizes(y: np.ndarray, needed: int, labels: list[str] | None = None) -> None:
     counts = Counter(int(v) for v in y)
+    if labels:
+        # A class whose every file failed to decode has no images at all: it must not become a label.
+        counts.update({k: 0 for k in range(len(labels)) if k not in counts})
     short = {k: n for k, n in sorted(counts.items()) if n < needed}
     if short:
         name = (lambda k: labels[k]) if labels else str

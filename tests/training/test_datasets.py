@@ -131,6 +131,14 @@ def test_a_class_too_small_to_split_is_named(tmp_path):
         load_image_folder(tmp_path / "set", (16, 16), progress=False)
 
 
+def test_a_class_whose_every_file_is_corrupt_is_named_not_trained_as_an_empty_label(tmp_path):
+    write_image_folder(tmp_path / "set", per_class=12)
+    for image in (tmp_path / "set" / "rainbow").iterdir():
+        image.write_bytes(b"not an image")
+    with pytest.raises(TrainingError, match="'rainbow' has 0"):
+        load_image_folder(tmp_path / "set", (16, 16), progress=False)
+
+
 def test_a_folder_where_nothing_decodes_is_a_clear_error(tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
