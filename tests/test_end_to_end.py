@@ -84,3 +84,13 @@ def test_bad_requests_get_json_4xx_and_leave_the_service_healthy(bundled_server,
     assert r.status_code == 422
     assert httpx.get(f"{url}/health").status_code == 200
     assert httpx.post(f"{url}/predict/digits", files=_upload([png])).status_code == 200
+
+
+def test_the_readme_example_images_are_classified_as_their_names_say(bundled_server):
+    from tests.conftest import ROOT
+
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    paths = [ROOT / "examples" / "digits" / f"{name}.png" for name in names]
+    r = httpx.post(f"{bundled_server.url}/predict/digits?top_k=3", files=_upload(paths), timeout=30)
+    assert r.status_code == 200, r.text
+    assert [p["label"] for p in r.json()["predictions"]] == [str(i) for i in range(10)]
