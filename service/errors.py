@@ -121,6 +121,9 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
 
 def _describe(error: dict[str, Any]) -> str:
     location = ".".join(str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path"))
+    if "Expected UploadFile" in str(error.get("msg", "")):
+        # A multipart part without a filename arrives as a text field, not as a file.
+        return f"{location} is a text field, not a file: send each image as a file part (curl -F files=@photo.jpg)"
     return f"{location}: {error.get('msg', 'invalid')}" if location else str(error.get("msg", "invalid"))
 
 

@@ -82,6 +82,8 @@ def test_bad_requests_get_json_4xx_and_leave_the_service_healthy(bundled_server,
     assert r.status_code == 422 and r.json()["detail"]
     r = httpx.post(f"{url}/predict/digits?top_k=0", files=_upload([png]))
     assert r.status_code == 422
+    r = httpx.post(f"{url}/predict/digits", files=[("files", (None, png.read_bytes()))])  # a part with no filename
+    assert r.status_code == 422 and "is a text field, not a file" in r.json()["detail"]
     assert httpx.get(f"{url}/health").status_code == 200
     assert httpx.post(f"{url}/predict/digits", files=_upload([png])).status_code == 200
 
