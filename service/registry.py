@@ -97,8 +97,11 @@ def load_model(name: str, version: int, path: Path, settings: Settings, device: 
     except DeviceUnavailable:
         raise  # the operator asked for CUDA: starting on CPU would hide the problem
     except Exception as exc:  # one broken model must not stop the others
-        served.state, served.error, served.session = "failed", f"{type(exc).__name__}: {exc}", None
-        log.error("could not load %s v%d from %s: %s", name, version, path, served.error)
+        log.error("could not load %s v%d from %s: %s: %s", name, version, path, type(exc).__name__, exc)
+        # /health shows the cause to operators, with the file named inside the repository rather than
+        # by its path on the server.
+        cause = str(exc).replace(str(path), f"{name}/{version}/{path.name}")
+        served.state, served.error, served.session = "failed", f"{type(exc).__name__}: {cause}", None
     return served
 
 
@@ -233,7 +236,8 @@ class Registry:
             raise ModelNotFound(f"model {name!r} has no version {version} (versions: {sorted(versions)})")
         served = versions[version]
         if served.state != "ready" or served.batcher is None:
-            raise ModelNotReady(f"model {name!r} version {version} is {served.state}: {served.error or 'not ready yet'}", retry_after=5)
+            why = "it failed to load (GET /health says why)" if served.state == "failed" else "not ready yet"
+            raise ModelNotReady(f"model {name!r} version {version} is {served.state}: {why}", retry_after=5)
         return served
 
     def all(self) -> list[ServedModel]:

@@ -236,9 +236,12 @@ def test_a_model_that_fails_to_load_is_reported_and_the_others_are_served(tmp_pa
     assert health.status_code == 503
     states = {m["name"]: m for m in health.json()["models"]}
     assert states["broken"]["state"] == "failed" and states["broken"]["error"]
+    # The cause names the file inside the repository, never its path on the server.
+    assert "broken/1/model.onnx" in states["broken"]["error"] and str(tmp_path) not in states["broken"]["error"]
     assert states["digits"]["state"] == "ready"
     r = httpx.post(f"{server.url}/predict/broken", files=_pngs(np.zeros((1, 8, 8, 1), np.uint8)))
     assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1 and "failed" in r.json()["detail"]
+    assert str(tmp_path) not in r.text and "Protobuf" not in r.text
     listed = {m["name"]: m for m in httpx.get(f"{server.url}/models").json()["models"]}
     assert listed["broken"]["state"] == "failed"
     path, _ = digit_pngs[0]
