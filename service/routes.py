@@ -113,13 +113,16 @@ async def predict_route(
 @router.get(
     "/health",
     response_model=HealthResponse,
-    summary="Ready when every model is loaded and warmed",
-    responses={503: {"model": HealthResponse, "description": "A model is loading or failed to load, or none is served."}},
+    summary="Ready when every model has a version loaded and warmed",
+    responses={503: {"model": HealthResponse, "description": "A model has no ready version (loading or failed), or none is served."}},
 )
 async def health(request: Request) -> JSONResponse:
     registry = _registry(request)
     models = registry.all()
-    ready = bool(models) and all(m.state == "ready" for m in models)
+    # Readiness is per model name: a new version that is loading or failed to load while an older one
+    # serves must not take the node out of a load balancer; the body still lists every version's state.
+    serving = {m.name for m in models if m.state == "ready"}
+    ready = bool(models) and all(m.name in serving for m in models)
     body = HealthResponse(
         status="ready" if ready else "unavailable",
         device=DeviceInfo(providers=list(registry.device.providers), reason=registry.device.reason),

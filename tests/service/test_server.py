@@ -454,3 +454,20 @@ def test_settings_come_from_environment_variables_and_flags_win(tmp_path, start_
     files = _pngs(np.zeros((2, 8, 8, 1), np.uint8))
     assert httpx.post(f"{server.url}/predict/digits", files=files).status_code == 200
     assert httpx.post(f"{server.url}/predict/digits", files=files * 2).status_code == 422
+
+
+def test_a_failed_new_version_leaves_the_node_ready_while_the_older_one_serves(tmp_path, start_server, exported, digit_pngs):
+    repository = make_repository(tmp_path, {"digits": exported["digits"]})
+    half_copied = model_path(repository, "digits", 2)
+    half_copied.parent.mkdir(parents=True)
+    half_copied.write_bytes(exported["digits"].read_bytes()[:1000])
+    server = start_server(repository, "--watch-interval-s", "0")
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 200
+    states = {m["version"]: m["state"] for m in health.json()["models"]}
+    assert states == {1: "ready", 2: "failed"}
+    path, _ = digit_pngs[0]
+    upload = [("files", (path.name, path.read_bytes(), "image/png"))]
+    r = httpx.post(f"{server.url}/predict/digits", files=upload)
+    assert r.status_code == 200 and r.json()["version"] == 1
+    assert httpx.post(f"{server.url}/predict/digits?version=2", files=upload).status_code == 503
