@@ -37,7 +37,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 models: $(VENV)/.installed-dev
-	$(BIN)/python -m training train --model digits_cnn --dataset digits --seed 0 --run-dir runs/digits
+	$(BIN)/python -m training train --model digits_cnn --dataset digits --seed 0 --run-dir runs/digits --overwrite
 	$(BIN)/python -m export runs/digits --name digits --version 1 --overwrite --repository models
 
 clean:

@@ -97,6 +97,7 @@ def _add_train_arguments(train: argparse.ArgumentParser, defaults: TrainConfig) 
                      help="folder the run writes: model.keras, run.json, test_split.npz, labels.txt, history.csv, "
                      "checkpoint.keras, curves.png, confusion_matrix.png, classification_report.txt "
                      "(default: runs/<model>-<dataset>-<UTC time>)")
+    out.add_argument("--overwrite", action="store_true", help="replace the run folder if it already holds a run")
     out.add_argument("--ledger", type=Path, help="training log the run appends its row to (default: ledger.csv beside the run folder)")
     out.add_argument("--note", default="", help="free text for the training log: what this run changed or tries")
     out.add_argument("--max-test-images", type=int, default=defaults.max_test_images,
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
 
             config = _config(args)
             run_dir = args.run_dir or default_run_dir(config)
-            record = train(config, run_dir, ledger=args.ledger)
+            record = train(config, run_dir, ledger=args.ledger, overwrite=args.overwrite)
             metrics = record["metrics"]
             print(f"run {run_dir}: test accuracy {metrics['test_accuracy']:.4f}, AUC {metrics['test_auc']:.4f} "
                   f"after {record['epochs_run']} epochs ({record['seconds']} s)")

@@ -267,8 +267,11 @@ def default_run_dir(config: TrainConfig, root: Path = Path("runs")) -> Path:
     return root / f"{config.model}-{dataset}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
-def train(config: TrainConfig, run_dir: Path, ledger: Path | None = None) -> dict:
+def train(config: TrainConfig, run_dir: Path, ledger: Path | None = None, overwrite: bool = False) -> dict:
     """Train, evaluate on the held-out test split, write the run folder and a training-log row; returns the run record."""
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        # A run folder is a record the training log and exported models point at: never replace one silently.
+        raise TrainingError(f"{run_dir} already holds a run: choose another --run-dir, or pass --overwrite to replace it")
     from . import ledger as training_log
     from .datasets import is_image_folder, load_dataset
     from .models import zoo

@@ -108,6 +108,14 @@ def test_evaluate_reproduces_the_recorded_test_metrics(digits_run):
     assert result["per_class"] == record["per_class"]
 
 
+def test_a_run_folder_is_never_replaced_without_overwrite(digits_run):
+    run_dir, _ = digits_run
+    before = (run_dir / "run.json").read_bytes()
+    with pytest.raises(TrainingError, match="already holds a run.*--overwrite"):
+        train(TrainConfig(epochs=1), run_dir)
+    assert (run_dir / "run.json").read_bytes() == before
+
+
 def test_the_same_seed_trains_the_same_model(digits_run, tmp_path):
     _, first = digits_run
     second = train(TrainConfig(**{**first["config"], "image_size": None, "augmentation": Augmentation(shift=0.1, rotation=10)}),
