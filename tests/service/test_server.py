@@ -123,12 +123,22 @@ async def test_a_failing_batch_fails_only_the_requests_batched_with_it(mixed_ser
     rng = np.random.default_rng(3)
     bodies = [_pngs(rng.integers(0, 200, (1, 8, 8, 1), dtype=np.uint8)) for _ in range(40)]
     bodies[20] = _pngs(np.full((1, 8, 8, 1), 255, np.uint8))
+    failed_batches = _failed_batches(mixed_server.url)
     responses = await post_many(f"{mixed_server.url}/predict/fragile", bodies)
     statuses = [r.status_code for r in responses]
     assert statuses[20] == 500
     assert set(statuses) <= {200, 500}
-    # At most one batch of the default size 32 fails, and the rest of the 40 are answered.
+    # Exactly one batch failed (the white image's), it held at most the default 32 images, and
+    # every request outside it was answered.
+    assert _failed_batches(mixed_server.url) - failed_batches == 1
     assert statuses.count(500) <= 32 and statuses.count(200) >= 8, statuses
+
+
+def _failed_batches(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith('kos_batch_failures_total{model="fragile"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_every_client_error_is_json_with_a_detail(mixed_server):
