@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging.config
+import math
 import sys
 from typing import Any
 
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.port,
         log_config=config,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        # uvicorn takes whole seconds: round up, so a short timeout is never cut to none at all.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
     )
 
 

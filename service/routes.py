@@ -131,6 +131,12 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
+@router.head("/health", include_in_schema=False)
+async def health_head(request: Request) -> Response:
+    """The same status as GET /health, for load balancers that probe with HEAD."""
+    return Response(status_code=(await health(request)).status_code)
+
+
 @protected.get(
     "/models",
     response_model=ModelsResponse,

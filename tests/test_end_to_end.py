@@ -52,6 +52,7 @@ def test_health_says_ready_and_names_the_provider_it_runs_on(bundled_server):
     (model,) = body["models"]
     assert model["name"] == "digits" and model["version"] == 1 and model["state"] == "ready"
     assert model["providers"] == ["CPUExecutionProvider"]  # no GPU on this machine: the fall-back is visible
+    assert httpx.head(f"{bundled_server.url}/health").status_code == 200
 
 
 def test_swagger_ui_and_openapi_document_the_routes(bundled_server):
