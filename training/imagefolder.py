@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,8 @@ def list_class_folders(root: Path) -> dict[str, list[Path]]:
         )
         if files:
             classes[folder.name] = files
+        else:
+            print(f"ignoring class folder {folder.name!r}: it holds no image files ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
     if not classes:
         raise TrainingError(
             f"{root} holds no class sub-folders with images ({', '.join(IMAGE_SUFFIXES)}); "

@@ -185,3 +185,11 @@ def test_images_with_unknown_content_behind_an_image_suffix_are_skipped(tmp_path
     (tmp_path / "set" / "cloudy" / "icon.png").write_bytes(buffer.getvalue())
     images = load_folder(tmp_path / "set", (16, 16), "rgb", progress=False)
     assert [s.split(":")[0] for s in images.skipped] == ["cloudy/icon.png"]
+
+
+def test_an_empty_class_folder_is_left_out_with_a_notice(tmp_path, capsys):
+    write_image_folder(tmp_path / "set", per_class=12)
+    (tmp_path / "set" / "zzz-empty").mkdir()
+    data = load_image_folder(tmp_path / "set", (16, 16), progress=False)
+    assert "zzz-empty" not in data.labels
+    assert "ignoring class folder 'zzz-empty'" in capsys.readouterr().err
