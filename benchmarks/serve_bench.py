@@ -190,25 +190,28 @@ class Pipeline:
             return done / (time.perf_counter() - began)
 
 
-def best_pipeline(path: Path, blobs: list[bytes], seconds: float, batch_sizes: list[int]) -> Pipeline:
-    """Search batch size, intra-op threads, spinning and batches in flight for the highest in-process images/s."""
+def best_pipeline(path: Path, blobs: list[bytes], seconds: float, batch_sizes: list[int]) -> tuple[Pipeline, list[Ceiling]]:
+    """Search batch size, intra-op threads, spinning and batches in flight for the highest in-process images/s.
+
+    Returns the best pipeline and every setting tried, with its rate.
+    """
     cores = os.cpu_count() or 1
-    best, best_rate = None, 0.0
+    best, tried = None, []
     for workers in sorted({1, 2}):
         for intra in sorted({1, cores}):
             for spinning in (True, False):
                 for batch in batch_sizes:
                     pipeline = Pipeline(path, blobs, batch, intra, spinning, workers)
-                    rate = pipeline.rate(seconds)
+                    pipeline.setting.images_per_s = pipeline.rate(seconds)
+                    tried.append(pipeline.setting)
                     progress(
                         f"  ceiling: batch {batch:3d}, intra-op threads {intra}, spinning {spinning!s:5}, "
-                        f"batches in flight {workers}: {rate:8.1f} images/s"
+                        f"batches in flight {workers}: {pipeline.setting.images_per_s:8.1f} images/s"
                     )
-                    if rate > best_rate:
-                        best, best_rate = pipeline, rate
+                    if best is None or pipeline.setting.images_per_s > best.setting.images_per_s:
+                        best = pipeline
     assert best is not None
-    best.setting.images_per_s = best_rate
-    return best
+    return best, tried
 
 
 # --- servers and load ---------------------------------------------------------------------------
@@ -326,6 +329,30 @@ def load_test(
     return results, ceilings
 
 
+def service_setting(best: Ceiling, tried: list[Ceiling], tolerance: float = 0.05) -> list[str]:
+    """The service's flags, chosen from the settings the ceiling search tried for this model here.
+
+    Of the settings within `tolerance` of the best rate (those are equal within the noise of a
+    shared machine), the service takes the one with the fewest intra-op threads, then the most
+    batches in flight, then the largest batch. In a server, a batch split over several threads
+    stalls at every step of the graph whenever HTTP or decoding preempts one of them, while
+    one-thread batches side by side do not wait for each other; and every batch costs a trip
+    through the event loop, so of two nearly equal batch sizes the larger is cheaper. Spinning
+    stays off whatever the ceiling liked: with no HTTP to parse, spinning threads cost the ceiling
+    nothing, but in the service they take the cores that parse requests and decode images. With
+    fewer intra-op threads than cores, a request arriving at an idle model runs on a second
+    session with every core (--lone-request-threads), so low load keeps a whole-machine latency.
+    """
+    cores = os.cpu_count() or 1
+    near = [t for t in tried if t.images_per_s >= (1 - tolerance) * best.images_per_s]
+    chosen = min(near, key=lambda t: (t.intra_op_threads, -t.workers, -t.batch_size))
+    flags = ["--max-batch-size", str(chosen.batch_size), "--intra-op-threads", str(chosen.intra_op_threads),
+             "--inference-workers", str(chosen.workers)]
+    if chosen.intra_op_threads < cores:
+        flags += ["--lone-request-threads", str(cores)]
+    return flags
+
+
 def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     path = model_file(name, args.cache)
     jpegs = make_jpegs(name, work / name / "images", args.images)
@@ -336,19 +363,16 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     pipeline = None
     if not args.skip_ceiling:
         progress(f"{name}: in-process ceiling, searching the best setting")
-        pipeline = best_pipeline(path, blobs, args.ceiling_seconds, [1, 8, 32])
+        pipeline, tried = best_pipeline(path, blobs, args.ceiling_seconds, [1, 8, 32])
         record["ceiling"] = asdict(pipeline.setting)
+        record["ceiling_search"] = [asdict(t) for t in tried]
     repository = work / name / "repository"
     shutil.rmtree(repository, ignore_errors=True)
     (repository / name / "1").mkdir(parents=True)
     shutil.copyfile(path, repository / name / "1" / "model.onnx")
     tuned = []
     if "ceiling" in record and not args.untuned:
-        # Serve at the batch size and thread setting the ceiling found best for this model here
-        # (on CPU, MobileNetV2 can run fewer images per second in big batches than in small ones).
-        c = record["ceiling"]
-        tuned = ["--max-batch-size", str(c["batch_size"]), "--intra-op-threads", str(c["intra_op_threads"]),
-                 "--intra-op-spinning", str(c["spinning"]).lower(), "--inference-workers", str(c["workers"])]
+        tuned = service_setting(pipeline.setting, tried)
     port = free_port()
     service = [sys.executable, "-m", "service", "--port", str(port), "--repository", str(repository), "--log-level", "warning",
                "--watch-interval-s", "0", *tuned, *args.service_args.split()]

@@ -75,8 +75,10 @@ class Batcher:
         workers: int = 1,
         metrics: Metrics | None = None,
         pad_to: Callable[[int], int] | None = None,
+        run_lone: Callable[[np.ndarray], np.ndarray] | None = None,
     ):
         self._run_batch = run
+        self._run_lone = run_lone or run
         self.name, self.version = name, version
         self.max_batch_size, self.max_delay_s, self.queue_size = max_batch_size, max_delay_s, queue_size
         self._workers = workers
@@ -164,7 +166,8 @@ class Batcher:
 
         The low-load path: when the batcher is idle there is nothing to batch with, and one thread
         hop instead of two (decode pool, then inference pool) is what keeps a lone request's
-        latency at that of a plain one-request-one-run endpoint. Errors from `prepare` (a bad
+        latency at that of a plain one-request-one-run endpoint. It runs on `run_lone` (a session
+        that may use more threads than the batch one, since nothing else is running). Errors from `prepare` (a bad
         image) pass through unchanged; an inference error is an InferenceFailed like a batch's.
         """
         if self._closing or self._task is None:
@@ -190,7 +193,7 @@ class Batcher:
         images = prepare()
         started = time.perf_counter()
         try:
-            rows = self._run_batch(images)
+            rows = self._run_lone(images)
             if len(rows) < len(images):
                 raise ValueError(f"the model returned {len(rows)} rows for {len(images)} images")
         except Exception as exc:

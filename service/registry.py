@@ -38,6 +38,9 @@ class ServedModel:
     error: str | None = None
     metadata: ModelMetadata | None = None
     session: ort.InferenceSession | None = field(default=None, repr=False)
+    # CPU only, when lone_request_threads is set: a session with more intra-op threads for a
+    # request that arrives at an idle model (the batch session may use fewer, to run batches side by side).
+    lone_session: ort.InferenceSession | None = field(default=None, repr=False)
     fingerprint: Fingerprint | None = None
     batcher: Batcher | None = field(default=None, repr=False)
 
@@ -49,6 +52,12 @@ class ServedModel:
         """Class probabilities for a uint8 NHWC batch; blocking, call it off the event loop."""
         assert self.session is not None
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+
+    def run_lone(self, images: np.ndarray) -> np.ndarray:
+        """Like `run`, on the lone-request session when there is one."""
+        session = self.lone_session or self.session
+        assert session is not None
+        return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
 
 
 def fingerprint(path: Path) -> Fingerprint | None:
@@ -88,12 +97,21 @@ def load_model(name: str, version: int, path: Path, settings: Settings, device: 
             log.info("%s: metadata names the model %r; it is served as %r, its folder name", path, metadata.name, name)
         check_signature(session, metadata)
         served.session, served.metadata = session, metadata
-        for size in warmup_batch_sizes(settings.max_batch_size, device):
-            probabilities = served.run(np.zeros((size, *metadata.input_shape), dtype=np.uint8))
+        warmups = [(served.run, size) for size in warmup_batch_sizes(settings.max_batch_size, device)]
+        if settings.lone_request_threads and not device.is_cuda:
+            # Its threads may spin: it runs only while the model is otherwise idle, so the cores are free, and
+            # a sleeping thread would have to be woken at every parallel step of the graph.
+            served.lone_session = create_session(
+                path, settings, device, intra_op_threads=settings.lone_request_threads, spinning=True
+            )
+            warmups.append((served.run_lone, 1))
+        for run, size in warmups:
+            probabilities = run(np.zeros((size, *metadata.input_shape), dtype=np.uint8))
             if probabilities.shape != (size, len(metadata.labels)):
                 raise ValueError(f"warm-up on {size} images gave shape {probabilities.shape}, not ({size}, {len(metadata.labels)})")
         served.state = "ready"
-        log.info("loaded %s v%d from %s on %s", name, version, path, served.providers)
+        lone = f", lone requests on a second session with {settings.lone_request_threads} threads" if served.lone_session else ""
+        log.info("loaded %s v%d from %s on %s%s", name, version, path, served.providers, lone)
     except DeviceUnavailable:
         raise  # the operator asked for CUDA: starting on CPU would hide the problem
     except Exception as exc:  # one broken model must not stop the others
@@ -101,7 +119,8 @@ def load_model(name: str, version: int, path: Path, settings: Settings, device: 
         # /health shows the cause to operators, with the file named inside the repository rather than
         # by its path on the server.
         cause = str(exc).replace(str(path), f"{name}/{version}/{path.name}")
-        served.state, served.error, served.session = "failed", f"{type(exc).__name__}: {cause}", None
+        served.state, served.error = "failed", f"{type(exc).__name__}: {cause}"
+        served.session = served.lone_session = None
     return served
 
 
@@ -116,6 +135,8 @@ class Registry:
         self._missing: dict[tuple[str, int], int] = {}
         self._refused: dict[tuple[str, int], Fingerprint | None] = {}
         self._lock = asyncio.Lock()
+        if settings.lone_request_threads and device.is_cuda:
+            log.info("lone_request_threads applies on CPU only; on CUDA every request runs on the one session")
 
     def _load(self, name: str, version: int) -> ServedModel:
         served = load_model(name, version, model_path(self.settings.repository, name, version), self.settings, self.device)
@@ -142,6 +163,7 @@ class Registry:
         max_batch = settings.max_batch_size
         served.batcher = Batcher(
             served.run,
+            run_lone=served.run_lone,
             name=served.name,
             version=served.version,
             max_batch_size=max_batch,

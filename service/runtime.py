@@ -74,16 +74,22 @@ def resolve_device(device: str) -> Device:
     return Device((CPU,), f"device=auto: serving on CPU because {problem}")
 
 
-def create_session(path: Path, settings: Settings, device: Device) -> ort.InferenceSession:
-    """A session on `device`; raises DeviceUnavailable if a CUDA session silently fell back to CPU."""
+def create_session(
+    path: Path, settings: Settings, device: Device, intra_op_threads: int | None = None, spinning: bool | None = None
+) -> ort.InferenceSession:
+    """A session on `device`; raises DeviceUnavailable if a CUDA session silently fell back to CPU.
+
+    `intra_op_threads` and `spinning` override the settings (for the lone-request session).
+    """
+    spinning = settings.intra_op_spinning if spinning is None else spinning
     options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads
+    options.intra_op_num_threads = settings.intra_op_threads if intra_op_threads is None else intra_op_threads
     options.inter_op_num_threads = settings.inter_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle onnxruntime threads spin by default; in a server they would burn the cores that decode
     # images and parse HTTP between batches.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.intra_op_spinning else "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if settings.intra_op_spinning else "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
     # onnxruntime logs a loud warning when CUDA libraries are missing; the device is reported in /health.
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), sess_options=options, providers=list(device.providers))

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
         False, description="Let onnxruntime's threads spin between runs: quicker back-to-back runs, but CPU taken from decoding and HTTP."
     )
     inference_workers: int = Field(1, ge=1, le=64, description="Batches one model version runs at the same time.")
+    lone_request_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU only: intra-op threads of a second session that runs a request arriving at an idle model "
+        "(0: no second session). Set it to the core count when --intra-op-threads is lower, so that batches run side "
+        "by side under load and a lone request still gets every core; each model is then held in memory twice.",
+    )
     decode_workers: int = Field(0, ge=0, le=256, description="Threads that decode and resize uploads (0: one per CPU core).")
     api_key: str | None = Field(
         None, description="When set, /predict and /models need it in the X-API-Key header (or Authorization: Bearer)."

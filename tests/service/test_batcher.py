@@ -215,6 +215,16 @@ async def test_an_idle_batcher_runs_a_lone_request_in_one_trip_and_keeps_image_e
     assert batcher.idle()
 
 
+async def test_a_lone_request_runs_on_the_lone_function_and_batches_on_the_batch_function(make_batcher, digits_run):
+    lone = DigitsRun(model_path(BUNDLED_REPOSITORY, "digits", 1))
+    batcher = make_batcher(digits_run, run_lone=lone)
+    one = images(1)
+    await batcher.run_alone(lambda: one)
+    assert len(lone.batches) == 1 and not digits_run.batches
+    await batcher.submit(images(2), later(10))
+    assert len(lone.batches) == 1 and len(digits_run.batches) == 1
+
+
 async def test_a_request_is_refused_before_decoding_when_queued_and_announced_images_fill_the_queue(make_batcher, digits_run):
     batcher = make_batcher(digits_run, queue_size=4)
     first = batcher.announce(3)  # three images being decoded by other requests

@@ -33,3 +33,25 @@ def test_on_cuda_every_padded_batch_size_is_warmed_and_on_cpu_the_smallest_and_l
     assert warmup_batch_sizes(24, cuda) == [1, 2, 4, 8, 16, 24]
     assert warmup_batch_sizes(24, cpu) == [1, 24]
     assert [pad_size(n, 24) for n in (1, 3, 5, 16, 17, 24)] == [1, 4, 8, 16, 24, 24]
+
+
+def test_a_lone_request_session_gets_its_own_thread_count_and_gives_the_same_answers():
+    import numpy as np
+
+    from service.artifact import model_path
+    from service.registry import load_model
+    from service.settings import Settings
+    from tests.conftest import BUNDLED_REPOSITORY
+
+    path = model_path(BUNDLED_REPOSITORY, "digits", 1)
+    cpu = Device((CPU,), "device=cpu")
+    served = load_model("digits", 1, path, Settings(intra_op_threads=1, lone_request_threads=2), cpu)
+    assert served.state == "ready", served.error
+    assert served.session.get_session_options().intra_op_num_threads == 1
+    assert served.lone_session.get_session_options().intra_op_num_threads == 2
+    one = np.random.default_rng(0).integers(0, 200, (1, 8, 8, 1), dtype=np.uint8)
+    np.testing.assert_allclose(served.run_lone(one), served.run(one), atol=1e-6)
+
+    plain = load_model("digits", 1, path, Settings(intra_op_threads=1), cpu)
+    assert plain.lone_session is None
+    np.testing.assert_allclose(plain.run_lone(one), served.run(one), atol=1e-6)
