@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import BodySizeLimit, PredictMetrics
 from .registry import Registry
-from .routes import protected, router
+from .routes import protected, require_api_key, router
 from .runtime import Device, resolve_device
 from .settings import Settings
 
@@ -65,7 +65,7 @@ def create_app(settings: Settings, device: Device | None = None) -> FastAPI:
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(router)
-    app.include_router(protected)
+    app.include_router(protected, dependencies=[Depends(require_api_key)] if settings.api_key else None)
     # The last added runs first: CORS answers pre-flights and decorates every answer, metrics see
     # every status (413 included), the size limit sits right in front of the body parser.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
