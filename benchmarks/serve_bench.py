@@ -428,7 +428,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated connection counts")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of load per point and target")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds the duration is split into")
-    parser.add_argument("--ceiling-seconds", type=float, default=1.5, help="seconds per ceiling configuration")
+    parser.add_argument("--ceiling-seconds", type=float, default=3.0, help="seconds per ceiling configuration")
     parser.add_argument("--images", type=int, default=64, help="distinct JPEG files cycled through")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (it shares the cores with the server)")
     parser.add_argument("--service-args", default="", help="extra flags for python -m service, e.g. '--max-batch-size 16'")

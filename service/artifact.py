@@ -111,3 +111,37 @@ def list_models(repository: Path) -> dict[str, list[int]]:
             if versions:
                 found[p.name] = versions
     return found
+
+
+def repository_problems(repository: Path) -> list[str]:
+    """Entries of the repository that look meant to be served but are not laid out as NAME/VERSION/model.onnx.
+
+    Hidden entries (export's staging folders among them) are not problems.
+    """
+    if not repository.is_dir():
+        return []
+    problems = []
+    for entry in sorted(repository.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file():
+            if entry.suffix == ".onnx":
+                problems.append(f"{entry.name} lies at the top of the repository: put it in NAME/1/{MODEL_FILENAME}")
+            continue
+        try:
+            subs = sorted(entry.iterdir())
+        except OSError as exc:
+            problems.append(f"{entry.name} cannot be read: {exc.strerror}")
+            continue
+        for sub in subs:
+            where = f"{entry.name}/{sub.name}"
+            if sub.name.startswith("."):
+                continue
+            if sub.is_file():
+                if sub.suffix == ".onnx":
+                    problems.append(f"{where} has no version folder: put it in {entry.name}/1/{MODEL_FILENAME}")
+            elif not (sub.name.isdigit() and int(sub.name) > 0):
+                problems.append(f"{where} is not a version folder (a whole number from 1 up): ignored")
+            elif not (sub / MODEL_FILENAME).is_file():
+                problems.append(f"{where} holds no {MODEL_FILENAME}: ignored")
+    return problems

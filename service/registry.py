@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from .artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata, list_models, model_path
+from .artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata, list_models, model_path, repository_problems
 from .batcher import Batcher
 from .errors import ModelNotFound, ModelNotReady
 from .metrics import Metrics
@@ -135,6 +135,7 @@ class Registry:
         self._missing: dict[tuple[str, int], int] = {}
         self._refused: dict[tuple[str, int], Fingerprint | None] = {}
         self._lock = asyncio.Lock()
+        self._reported: set[str] = set()
         if settings.lone_request_threads and device.is_cuda:
             log.info("lone_request_threads applies on CPU only; on CUDA every request runs on the one session")
 
@@ -148,6 +149,7 @@ class Registry:
         repository = self.settings.repository
         if not repository.is_dir():
             log.warning("model repository %s does not exist: no models to serve", repository)
+        self._report_problems()
         for name, versions in list_models(repository).items():
             self.models[name] = {v: self._load(name, v) for v in versions}
 
@@ -218,8 +220,16 @@ class Registry:
                 log.info("repository change: %s", change)
             return changes
 
+    def _report_problems(self) -> None:
+        """Log each misplaced file or folder in the repository once, rather than ignoring it in silence."""
+        for problem in repository_problems(self.settings.repository):
+            if problem not in self._reported:
+                self._reported.add(problem)
+                log.warning("model repository %s: %s", self.settings.repository, problem)
+
     def _scan(self) -> dict[tuple[str, int], Fingerprint | None]:
         repository = self.settings.repository
+        self._report_problems()
         return {
             (name, v): fingerprint(model_path(repository, name, v))
             for name, versions in list_models(repository).items()

@@ -60,3 +60,27 @@ async def test_a_broken_replacement_is_refused_and_a_removed_version_is_unloaded
     with pytest.raises(ModelNotFound):
         registry.get("digits")
     await registry.close()
+
+
+async def test_misplaced_files_in_the_repository_are_named_once_in_the_log_not_ignored_in_silence(tmp_path, exported, caplog):
+    repository = make_repository(tmp_path / "models", {"digits": exported["digits"]})
+    shutil.copyfile(model_path(repository, "digits", 1), repository / "loose.onnx")
+    (repository / "flowers").mkdir()
+    shutil.copyfile(model_path(repository, "digits", 1), repository / "flowers" / "model.onnx")
+    (repository / "digits" / "latest").mkdir()
+    (repository / "digits" / "2").mkdir()
+    (repository / "digits" / ".3.abc.tmp").mkdir()  # export's staging folder: not a problem
+    registry = Registry(Settings(repository=repository, watch_interval_s=0), resolve_device("cpu"), Metrics())
+    with caplog.at_level("WARNING", logger="service.registry"):
+        registry.load_all()
+        registry.start()
+        await registry.refresh()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 4, warnings
+    text = "\n".join(warnings)
+    assert "loose.onnx lies at the top of the repository: put it in NAME/1/model.onnx" in text
+    assert "flowers/model.onnx has no version folder: put it in flowers/1/model.onnx" in text
+    assert "digits/latest is not a version folder" in text
+    assert "digits/2 holds no model.onnx" in text
+    assert registry.get("digits").version == 1
+    await registry.close()

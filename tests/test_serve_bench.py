@@ -1,0 +1,43 @@
+"""How the serving benchmark turns its in-process search into the service's flags."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+from tests.conftest import ROOT
+
+_spec = importlib.util.spec_from_file_location("serve_bench", ROOT / "benchmarks" / "serve_bench.py")
+serve_bench = importlib.util.module_from_spec(_spec)
+sys.modules["serve_bench"] = serve_bench  # its dataclasses look their module up while being defined
+_spec.loader.exec_module(serve_bench)
+Ceiling = serve_bench.Ceiling
+
+
+def flags(args: list[str]) -> dict[str, str]:
+    return dict(zip(args[::2], args[1::2]))
+
+
+def test_the_service_takes_one_thread_batches_side_by_side_when_they_are_as_fast_as_the_best():
+    cores = os.cpu_count() or 1
+    tried = [
+        Ceiling(200.0, 1, cores, True, 1),  # the best, by a noise-sized margin
+        Ceiling(194.0, 1, 1, True, 2),
+        Ceiling(193.0, 8, 1, False, 2),
+        Ceiling(160.0, 32, 1, False, 2),  # too slow: not taken for being the largest batch
+    ]
+    chosen = flags(serve_bench.service_setting(tried[0], tried))
+    assert chosen["--intra-op-threads"] == "1" and chosen["--inference-workers"] == "2"
+    assert chosen["--max-batch-size"] == "8"
+    assert "--intra-op-spinning" not in chosen  # the service's default, off
+    if cores > 1:
+        assert chosen["--lone-request-threads"] == str(cores)
+
+
+def test_a_clearly_best_setting_is_served_as_it_is():
+    cores = os.cpu_count() or 1
+    best = Ceiling(300.0, 32, cores, True, 1)
+    tried = [best, Ceiling(200.0, 1, 1, False, 2), Ceiling(250.0, 8, cores, False, 1)]
+    chosen = flags(serve_bench.service_setting(best, tried))
+    assert chosen == {"--max-batch-size": "32", "--intra-op-threads": str(cores), "--inference-workers": "1"}
