@@ -88,6 +88,12 @@ def model_path(repository: Path, name: str, version: int, precision: str = "floa
     return repository / name / str(version) / PRECISION_FILENAMES[precision]
 
 
+def served_file(repository: Path, name: str, version: int, precision: str = "float32") -> Path:
+    """The file to serve for `precision`: its variant when the version folder holds one, else model.onnx."""
+    preferred = model_path(repository, name, version, precision)
+    return preferred if preferred.is_file() else model_path(repository, name, version)
+
+
 def list_versions(repository: Path, name: str) -> list[int]:
     """Versions of `name` that hold a model file, ascending; temporary folders are ignored."""
     folder = repository / name

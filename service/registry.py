@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from .artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata, list_models, model_path, repository_problems
+from .artifact import INPUT_NAME, PRECISION_FILENAMES, OUTPUT_NAME, ModelMetadata, list_models, repository_problems, served_file
 from .batcher import Batcher
 from .errors import ModelNotFound, ModelNotReady
 from .metrics import Metrics
@@ -43,6 +43,10 @@ class ServedModel:
     lone_session: ort.InferenceSession | None = field(default=None, repr=False)
     fingerprint: Fingerprint | None = None
     batcher: Batcher | None = field(default=None, repr=False)
+
+    @property
+    def precision(self) -> str | None:
+        return self.metadata.precision if self.metadata else None
 
     @property
     def providers(self) -> list[str]:
@@ -139,8 +143,14 @@ class Registry:
         if settings.lone_request_threads and device.is_cuda:
             log.info("lone_request_threads applies on CPU only; on CUDA every request runs on the one session")
 
+    def _file(self, name: str, version: int) -> Path:
+        return served_file(self.settings.repository, name, version, self.settings.precision)
+
     def _load(self, name: str, version: int) -> ServedModel:
-        served = load_model(name, version, model_path(self.settings.repository, name, version), self.settings, self.device)
+        path = self._file(name, version)
+        if self.settings.precision != "float32" and path.name != PRECISION_FILENAMES[self.settings.precision]:
+            log.warning("%s v%d has no %s variant: serving %s", name, version, self.settings.precision, path.name)
+        served = load_model(name, version, path, self.settings, self.device)
         self.metrics.model_loads.labels(name, served.state).inc()
         return served
 
@@ -231,7 +241,7 @@ class Registry:
         repository = self.settings.repository
         self._report_problems()
         return {
-            (name, v): fingerprint(model_path(repository, name, v))
+            (name, v): fingerprint(self._file(name, v))
             for name, versions in list_models(repository).items()
             for v in versions
         }

@@ -66,6 +66,8 @@ def _info(m: ServedModel) -> ModelInfo:
         state=m.state,
         error=m.error,
         providers=m.providers,
+        file=m.path.name,
+        precision=m.precision,
         input_shape=list(meta.input_shape) if meta else None,
         color_mode=meta.color_mode if meta else None,
         resize_method=meta.resize_method if meta else None,

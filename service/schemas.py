@@ -55,6 +55,8 @@ class ModelInfo(BaseModel):
     state: Literal["loading", "ready", "failed"]
     error: str | None = None
     providers: list[str] = []
+    file: str = Field(description="The file served, inside its version folder.", examples=["model.int8.onnx"])
+    precision: str | None = Field(None, description="Weight precision of that file.", examples=["int8"])
     input_shape: list[int] | None = Field(None, description="[height, width, channels]", examples=[[8, 8, 1]])
     color_mode: str | None = None
     resize_method: str | None = None

@@ -22,6 +22,11 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA when it really works, else CPU; cuda: refuse to start without CUDA; cpu."
     )
+    precision: Literal["float32", "float16", "int8"] = Field(
+        "float32",
+        description="File of each version to serve: float32 is model.onnx; float16 or int8 serve the variant "
+        "`python -m export --variants` wrote beside it, and model.onnx where a version has none (logged, and shown in /models).",
+    )
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most images the batcher runs in one onnxruntime call.")
     max_batch_delay_ms: float = Field(
         5.0, ge=0, le=10_000, description="Longest wait after a batch's first image for more images, while more are on their way."

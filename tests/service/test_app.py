@@ -84,3 +84,42 @@ async def test_misplaced_files_in_the_repository_are_named_once_in_the_log_not_i
     assert "digits/2 holds no model.onnx" in text
     assert registry.get("digits").version == 1
     await registry.close()
+
+
+async def test_precision_int8_serves_each_versions_int8_file_and_model_onnx_where_there_is_none(
+    tmp_path, exported, digits_test_split, caplog
+):
+    import onnx
+
+    from export.repository import attach_metadata
+    from export.variants import make_variant
+    from service.artifact import ModelMetadata
+
+    repository = make_repository(tmp_path / "models", {"digits": exported["digits"], "plain": exported["digits"]})
+    proto = onnx.load(str(exported["digits"]))
+    metadata = ModelMetadata.from_metadata_props({p.key: p.value for p in proto.metadata_props})
+    int8 = make_variant("int8", proto, digits_test_split.x[:64])
+    attach_metadata(int8, metadata.model_copy(update={"precision": "int8"}))
+    onnx.save(int8, str(model_path(repository, "digits", 1, "int8")))
+
+    settings = Settings(repository=repository, precision="int8", watch_interval_s=0, max_files_per_request=64)
+    app = create_app(settings, resolve_device("cpu"))
+    images = digits_test_split.x[:40]
+    files = [("files", (f"d{i}.png", png_bytes(image[:, :, 0]), "image/png")) for i, image in enumerate(images)]
+    with caplog.at_level("WARNING", logger="service.registry"):
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                served = {m["name"]: m for m in (await client.get("/models")).json()["models"]}
+                answers = {}
+                for name in ("digits", "plain"):
+                    r = await client.post(f"/predict/{name}?top_k=1", files=files)
+                    assert r.status_code == 200, r.text
+                    answers[name] = [int(p["label"]) for p in r.json()["predictions"]]
+    assert (served["digits"]["file"], served["digits"]["precision"]) == ("model.int8.onnx", "int8")
+    assert (served["plain"]["file"], served["plain"]["precision"]) == ("model.onnx", "float32")
+    assert any("plain v1 has no int8 variant: serving model.onnx" in r.getMessage() for r in caplog.records)
+    # The int8 file is a different graph that still classifies: it agrees with float32 and the labels.
+    agreement = np.mean(np.array(answers["digits"]) == np.array(answers["plain"]))
+    accuracy = np.mean(np.array(answers["digits"]) == digits_test_split.y[:40])
+    assert agreement >= 0.9 and accuracy >= 0.9, (agreement, accuracy)
