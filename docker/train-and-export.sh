@@ -4,16 +4,19 @@
 #
 #   train-and-export NAME [flags of `python -m training train` except --run-dir]
 #
-# The run folder is $KOS_RUNS/NAME-<UTC time>. For anything else, run the tools directly:
+# The run folder is $KOS_RUNS/NAME-<UTC time>. KOS_EXPORT_VARIANTS="int8 float16" also writes those
+# variants (for a service with KOS_PRECISION). For anything else, run the tools directly:
 # `python -m training ...`, `python -m export ...`.
 set -eu
 
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-    sed -n '2,9s/^# \{0,1\}//p' "$0"
+    sed -n '2,10s/^# \{0,1\}//p' "$0"
     exit 0
 fi
 name=$1
 shift
 run_dir="${KOS_RUNS:-/runs}/${name}-$(date -u +%Y%m%dT%H%M%SZ)"
 python -m training train --run-dir "$run_dir" "$@"
-python -m export "$run_dir" --name "$name" --repository "${KOS_REPOSITORY:-/models}"
+variants=${KOS_EXPORT_VARIANTS:-}
+# shellcheck disable=SC2086 # the variants are separate words on purpose
+python -m export "$run_dir" --name "$name" --repository "${KOS_REPOSITORY:-/models}" ${variants:+--variants $variants}

@@ -95,15 +95,21 @@ def served_file(repository: Path, name: str, version: int, precision: str = "flo
 
 
 def list_versions(repository: Path, name: str) -> list[int]:
-    """Versions of `name` that hold a model file, ascending; temporary folders are ignored."""
+    """Versions of `name` that hold a model file, ascending; temporary folders are ignored.
+
+    A folder that cannot be read holds no versions (`repository_problems` names it).
+    """
     folder = repository / name
-    if not folder.is_dir():
+    try:
+        if not folder.is_dir():
+            return []
+        return sorted(
+            int(p.name)
+            for p in folder.iterdir()
+            if p.name.isdigit() and int(p.name) > 0 and (p / MODEL_FILENAME).is_file()
+        )
+    except OSError:
         return []
-    return sorted(
-        int(p.name)
-        for p in folder.iterdir()
-        if p.name.isdigit() and int(p.name) > 0 and (p / MODEL_FILENAME).is_file()
-    )
 
 
 def list_models(repository: Path) -> dict[str, list[int]]:
@@ -148,6 +154,10 @@ def repository_problems(repository: Path) -> list[str]:
                     problems.append(f"{where} has no version folder: put it in {entry.name}/1/{MODEL_FILENAME}")
             elif not (sub.name.isdigit() and int(sub.name) > 0):
                 problems.append(f"{where} is not a version folder (a whole number from 1 up): ignored")
-            elif not (sub / MODEL_FILENAME).is_file():
-                problems.append(f"{where} holds no {MODEL_FILENAME}: ignored")
+            else:
+                try:
+                    if not (sub / MODEL_FILENAME).is_file():
+                        problems.append(f"{where} holds no {MODEL_FILENAME}: ignored")
+                except OSError as exc:
+                    problems.append(f"{where} cannot be read: {exc.strerror}")
     return problems

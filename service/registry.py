@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,7 +17,16 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from .artifact import INPUT_NAME, PRECISION_FILENAMES, OUTPUT_NAME, ModelMetadata, list_models, repository_problems, served_file
+from .artifact import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PRECISION_FILENAMES,
+    ModelMetadata,
+    list_models,
+    model_path,
+    repository_problems,
+    served_file,
+)
 from .batcher import Batcher
 from .errors import ModelNotFound, ModelNotReady
 from .metrics import Metrics
@@ -26,7 +36,10 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 State = Literal["loading", "ready", "failed"]
-Fingerprint = tuple[int, int, int]
+Stamp = tuple[int, int, int]
+# The stamps of every file a version may be served from (its variant and model.onnx): any of them
+# appearing, changing or disappearing reloads the version.
+Fingerprint = tuple[Stamp | None, ...]
 
 
 @dataclass(eq=False)
@@ -64,7 +77,7 @@ class ServedModel:
         return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
 
 
-def fingerprint(path: Path) -> Fingerprint | None:
+def stamp(path: Path) -> Stamp | None:
     """What changes when a model file is written or replaced (export renames a new folder into place)."""
     try:
         stat = path.stat()
@@ -91,9 +104,32 @@ def check_signature(session: ort.InferenceSession, metadata: ModelMetadata) -> N
         raise ValueError(f"the graph has {classes} classes but the metadata lists {len(metadata.labels)} labels")
 
 
+def warm_up(run: Callable[[np.ndarray], np.ndarray], size: int, metadata: ModelMetadata) -> None:
+    probabilities = run(np.zeros((size, *metadata.input_shape), dtype=np.uint8))
+    if probabilities.shape != (size, len(metadata.labels)):
+        raise ValueError(f"warm-up on {size} images gave shape {probabilities.shape}, not ({size}, {len(metadata.labels)})")
+
+
+def attach_lone_session(served: ServedModel, settings: Settings, device: Device) -> None:
+    """Give a loaded version its lone-request session; without one (it failed) the batch session serves lone requests too."""
+    try:
+        # Its threads may spin: it runs only while the model is otherwise idle, so the cores are free, and
+        # a sleeping thread would have to be woken at every parallel step of the graph.
+        served.lone_session = create_session(
+            served.path, settings, device, intra_op_threads=settings.lone_request_threads, spinning=True
+        )
+        warm_up(served.run_lone, 1, served.metadata)
+    except Exception as exc:
+        served.lone_session = None
+        log.warning(
+            "%s v%d: no lone-request session (%s: %s); lone requests run on the batch session",
+            served.name, served.version, type(exc).__name__, exc,
+        )
+
+
 def load_model(name: str, version: int, path: Path, settings: Settings, device: Device) -> ServedModel:
     """Load, check and warm one model version (blocking); a failure is recorded in the returned state."""
-    served = ServedModel(name=name, version=version, path=path, fingerprint=fingerprint(path))
+    served = ServedModel(name=name, version=version, path=path)
     try:
         session = create_session(path, settings, device)
         metadata = ModelMetadata.from_metadata_props(session.get_modelmeta().custom_metadata_map)
@@ -101,18 +137,10 @@ def load_model(name: str, version: int, path: Path, settings: Settings, device: 
             log.info("%s: metadata names the model %r; it is served as %r, its folder name", path, metadata.name, name)
         check_signature(session, metadata)
         served.session, served.metadata = session, metadata
-        warmups = [(served.run, size) for size in warmup_batch_sizes(settings.max_batch_size, device)]
+        for size in warmup_batch_sizes(settings.max_batch_size, device):
+            warm_up(served.run, size, metadata)
         if settings.lone_request_threads and not device.is_cuda:
-            # Its threads may spin: it runs only while the model is otherwise idle, so the cores are free, and
-            # a sleeping thread would have to be woken at every parallel step of the graph.
-            served.lone_session = create_session(
-                path, settings, device, intra_op_threads=settings.lone_request_threads, spinning=True
-            )
-            warmups.append((served.run_lone, 1))
-        for run, size in warmups:
-            probabilities = run(np.zeros((size, *metadata.input_shape), dtype=np.uint8))
-            if probabilities.shape != (size, len(metadata.labels)):
-                raise ValueError(f"warm-up on {size} images gave shape {probabilities.shape}, not ({size}, {len(metadata.labels)})")
+            attach_lone_session(served, settings, device)
         served.state = "ready"
         lone = f", lone requests on a second session with {settings.lone_request_threads} threads" if served.lone_session else ""
         log.info("loaded %s v%d from %s on %s%s", name, version, path, served.providers, lone)
@@ -142,15 +170,27 @@ class Registry:
         self._reported: set[str] = set()
         if settings.lone_request_threads and device.is_cuda:
             log.info("lone_request_threads applies on CPU only; on CUDA every request runs on the one session")
+        if settings.precision == "int8" and device.is_cuda:
+            log.warning("precision=int8 on CUDA: int8 files are quantised for CPUs and may run slower on a GPU than float16")
 
-    def _file(self, name: str, version: int) -> Path:
-        return served_file(self.settings.repository, name, version, self.settings.precision)
+    def _fingerprint(self, name: str, version: int) -> Fingerprint:
+        repository, precision = self.settings.repository, self.settings.precision
+        files = dict.fromkeys([model_path(repository, name, version, precision), model_path(repository, name, version)])
+        return tuple(stamp(f) for f in files)
 
     def _load(self, name: str, version: int) -> ServedModel:
-        path = self._file(name, version)
-        if self.settings.precision != "float32" and path.name != PRECISION_FILENAMES[self.settings.precision]:
-            log.warning("%s v%d has no %s variant: serving %s", name, version, self.settings.precision, path.name)
+        """Load the file `precision` asks for; a missing or broken variant falls back to model.onnx, with a warning."""
+        fp = self._fingerprint(name, version)
+        repository, precision = self.settings.repository, self.settings.precision
+        path = served_file(repository, name, version, precision)
+        if precision != "float32" and path.name != PRECISION_FILENAMES[precision]:
+            log.warning("%s v%d has no %s variant: serving %s", name, version, precision, path.name)
         served = load_model(name, version, path, self.settings, self.device)
+        fallback = model_path(repository, name, version)
+        if served.state == "failed" and path != fallback and fallback.is_file():
+            log.warning("%s v%d: the %s variant failed to load (%s); serving %s", name, version, precision, served.error, fallback.name)
+            served = load_model(name, version, fallback, self.settings, self.device)
+        served.fingerprint = fp
         self.metrics.model_loads.labels(name, served.state).inc()
         return served
 
@@ -241,7 +281,7 @@ class Registry:
         repository = self.settings.repository
         self._report_problems()
         return {
-            (name, v): fingerprint(self._file(name, v))
+            (name, v): self._fingerprint(name, v)
             for name, versions in list_models(repository).items()
             for v in versions
         }

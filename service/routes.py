@@ -50,7 +50,8 @@ async def require_api_key(
 
 router = APIRouter()
 # Routes that need the API key when one is configured; the app adds `require_api_key` to them only
-# then, so a service without a key neither checks nor documents one.
+# then, so a service without a key does not check one (their 401 stays documented, since the same
+# client code may meet a service with a key).
 protected = APIRouter()
 
 

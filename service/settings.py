@@ -51,7 +51,8 @@ class Settings(BaseSettings):
         ge=0,
         description="CPU only: intra-op threads of a second session that runs a request arriving at an idle model "
         "(0: no second session). Set it to the core count when --intra-op-threads is lower, so that batches run side "
-        "by side under load and a lone request still gets every core; each model is then held in memory twice.",
+        "by side under load and a lone request still gets every core; each model is then held in memory twice. "
+        "Its threads spin, since it runs only while its model is otherwise idle.",
     )
     decode_workers: int = Field(0, ge=0, le=256, description="Threads that decode and resize uploads (0: one per CPU core).")
     api_key: str | None = Field(

@@ -6,6 +6,8 @@ import importlib.util
 import os
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 _spec = importlib.util.spec_from_file_location("serve_bench", ROOT / "benchmarks" / "serve_bench.py")
@@ -19,8 +21,9 @@ def flags(args: list[str]) -> dict[str, str]:
     return dict(zip(args[::2], args[1::2]))
 
 
-def test_the_service_takes_one_thread_batches_side_by_side_when_they_are_as_fast_as_the_best():
-    cores = os.cpu_count() or 1
+@pytest.mark.parametrize("cores", [2, 8])
+def test_the_service_takes_one_thread_batches_side_by_side_when_they_are_as_fast_as_the_best(monkeypatch, cores):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
     tried = [
         Ceiling(200.0, 1, cores, True, 1),  # the best, by a noise-sized margin
         Ceiling(194.0, 1, 1, True, 2),
@@ -31,12 +34,12 @@ def test_the_service_takes_one_thread_batches_side_by_side_when_they_are_as_fast
     assert chosen["--intra-op-threads"] == "1" and chosen["--inference-workers"] == "2"
     assert chosen["--max-batch-size"] == "8"
     assert "--intra-op-spinning" not in chosen  # the service's default, off
-    if cores > 1:
-        assert chosen["--lone-request-threads"] == str(cores)
+    assert chosen["--lone-request-threads"] == str(cores)
 
 
-def test_a_clearly_best_setting_is_served_as_it_is():
-    cores = os.cpu_count() or 1
+@pytest.mark.parametrize("cores", [2, 8])
+def test_a_clearly_best_setting_is_served_as_it_is(monkeypatch, cores):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
     best = Ceiling(300.0, 32, cores, True, 1)
     tried = [best, Ceiling(200.0, 1, 1, False, 2), Ceiling(250.0, 8, cores, False, 1)]
     chosen = flags(serve_bench.service_setting(best, tried))

@@ -86,21 +86,28 @@ async def test_misplaced_files_in_the_repository_are_named_once_in_the_log_not_i
     await registry.close()
 
 
-async def test_precision_int8_serves_each_versions_int8_file_and_model_onnx_where_there_is_none(
-    tmp_path, exported, digits_test_split, caplog
-):
+def write_int8_variant(repository, name: str, calibration: np.ndarray) -> None:
+    """model.int8.onnx beside version 1's model.onnx, made and labelled by the export code."""
     import onnx
 
     from export.repository import attach_metadata
     from export.variants import make_variant
     from service.artifact import ModelMetadata
 
-    repository = make_repository(tmp_path / "models", {"digits": exported["digits"], "plain": exported["digits"]})
-    proto = onnx.load(str(exported["digits"]))
+    proto = onnx.load(str(model_path(repository, name, 1)))
     metadata = ModelMetadata.from_metadata_props({p.key: p.value for p in proto.metadata_props})
-    int8 = make_variant("int8", proto, digits_test_split.x[:64])
+    int8 = make_variant("int8", proto, calibration)
     attach_metadata(int8, metadata.model_copy(update={"precision": "int8"}))
-    onnx.save(int8, str(model_path(repository, "digits", 1, "int8")))
+    staged = repository / name / "1" / ".int8.tmp"
+    onnx.save(int8, str(staged))
+    os.replace(staged, model_path(repository, name, 1, "int8"))
+
+
+async def test_precision_int8_serves_each_versions_int8_file_and_model_onnx_where_there_is_none(
+    tmp_path, exported, digits_test_split, caplog
+):
+    repository = make_repository(tmp_path / "models", {"digits": exported["digits"], "plain": exported["digits"]})
+    write_int8_variant(repository, "digits", digits_test_split.x[:64])
 
     settings = Settings(repository=repository, precision="int8", watch_interval_s=0, max_files_per_request=64)
     app = create_app(settings, resolve_device("cpu"))
@@ -123,3 +130,89 @@ async def test_precision_int8_serves_each_versions_int8_file_and_model_onnx_wher
     agreement = np.mean(np.array(answers["digits"]) == np.array(answers["plain"]))
     accuracy = np.mean(np.array(answers["digits"]) == digits_test_split.y[:40])
     assert agreement >= 0.9 and accuracy >= 0.9, (agreement, accuracy)
+
+
+async def test_a_variant_appearing_breaking_or_disappearing_while_serving_is_followed_without_a_reload_loop(
+    tmp_path, exported, digits_test_split, caplog
+):
+    repository = make_repository(tmp_path / "models", {"digits": exported["digits"]})
+    registry = Registry(Settings(repository=repository, precision="int8", watch_interval_s=0), resolve_device("cpu"), Metrics())
+    registry.load_all()
+    registry.start()
+    assert registry.get("digits").path.name == "model.onnx"
+
+    write_int8_variant(repository, "digits", digits_test_split.x[:64])
+    assert await registry.refresh() == ["digits v1: replaced (ready)"]
+    assert (registry.get("digits").path.name, registry.get("digits").precision) == ("model.int8.onnx", "int8")
+
+    broken = repository / "digits" / "1" / ".broken.tmp"
+    broken.write_bytes(b"not a model")
+    os.replace(broken, model_path(repository, "digits", 1, "int8"))
+    with caplog.at_level("WARNING", logger="service.registry"):
+        assert await registry.refresh() == ["digits v1: replaced (ready)"]
+    assert registry.get("digits").path.name == "model.onnx", "a broken variant falls back to model.onnx"
+    assert any("the int8 variant failed to load" in r.getMessage() for r in caplog.records)
+    assert await registry.refresh() == [], "the same broken variant is not reloaded every scan"
+
+    model_path(repository, "digits", 1, "int8").unlink()
+    assert await registry.refresh() == ["digits v1: replaced (ready)"]
+    assert registry.get("digits").path.name == "model.onnx"
+    await registry.close()
+
+
+class CountingSession:
+    """An onnxruntime session that counts its runs."""
+
+    def __init__(self, session):
+        self.session, self.runs = session, 0
+
+    def run(self, *args, **kwargs):
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+
+async def test_a_lone_request_runs_on_the_lone_session_and_a_burst_on_the_batch_session(tmp_path, exported):
+    repository = make_repository(tmp_path / "models", {"digits": exported["digits"]})
+    settings = Settings(repository=repository, intra_op_threads=1, lone_request_threads=2, watch_interval_s=0, max_files_per_request=8)
+    app = create_app(settings, resolve_device("cpu"))
+    async with app.router.lifespan_context(app):
+        served = app.state.registry.get("digits")
+        lone, batch = CountingSession(served.lone_session), CountingSession(served.session)
+        served.lone_session, served.session = lone, batch
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            one = [("files", ("one.png", png_bytes(np.zeros((8, 8), np.uint8)), "image/png"))]
+            assert (await client.post("/predict/digits", files=one)).status_code == 200
+            assert (lone.runs, batch.runs) == (1, 0)
+            assert (await client.post("/predict/digits", files=one * 3)).status_code == 200
+            assert lone.runs == 1 and batch.runs >= 1, "several files go through the batcher"
+
+
+def test_a_lone_session_that_fails_leaves_the_version_serving_on_its_batch_session(monkeypatch, caplog):
+    from service import registry as registry_module
+    from tests.conftest import BUNDLED_REPOSITORY
+
+    real = registry_module.create_session
+
+    def no_second_session(path, settings, device, intra_op_threads=None, spinning=None):
+        if intra_op_threads is not None:
+            raise MemoryError("no room for a second session")
+        return real(path, settings, device)
+
+    monkeypatch.setattr(registry_module, "create_session", no_second_session)
+    settings = Settings(intra_op_threads=1, lone_request_threads=2)
+    with caplog.at_level("WARNING", logger="service.registry"):
+        served = registry_module.load_model("digits", 1, model_path(BUNDLED_REPOSITORY, "digits", 1), settings, resolve_device("cpu"))
+    assert served.state == "ready" and served.lone_session is None
+    assert "no lone-request session (MemoryError: no room for a second session)" in caplog.text
+    one = np.zeros((1, 8, 8, 1), np.uint8)
+    np.testing.assert_allclose(served.run_lone(one), served.run(one))
+
+
+def test_the_openapi_document_shows_the_api_key_schemes_only_when_a_key_is_configured(tmp_path):
+    open_app = create_app(Settings(repository=tmp_path), resolve_device("cpu"))
+    keyed_app = create_app(Settings(repository=tmp_path, api_key="k"), resolve_device("cpu"))
+    assert "securitySchemes" not in open_app.openapi().get("components", {})
+    schemes = keyed_app.openapi()["components"]["securitySchemes"]
+    assert {s["type"] for s in schemes.values()} == {"apiKey", "http"}
+    assert keyed_app.openapi()["paths"]["/predict/{model}"]["post"]["security"]
