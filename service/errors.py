@@ -88,7 +88,10 @@ class DeadlineExceeded(ServiceError):
 
 class InferenceFailed(ServiceError):
     status_code = 500
-    description = "The model failed on the batch this request was in; other batches are unaffected."
+    description = (
+        "The model failed on the batch this request was in, or returned non-finite probabilities for one of "
+        "this request's images; other requests are unaffected."
+    )
     example = "inference failed for model 'digits' version 1; the cause is in the service log"
 
 

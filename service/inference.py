@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -10,10 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batcher import BatcherClosed
-from .errors import DeadlineExceeded
+from .errors import DeadlineExceeded, InferenceFailed
 from .imaging import decode_image
 from .registry import Registry, ServedModel
 from .schemas import ClassScore, Prediction, PredictResponse
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,14 @@ async def _predict_once(
             probabilities = await batcher.submit(np.stack(images), deadline, announcement)
         finally:
             announcement.withdraw()
+    broken = ~np.isfinite(probabilities).all(axis=1)
+    if broken.any():
+        # NaN or infinity is the model's failure on these images (an overflow, say), not an answer.
+        names = ", ".join(u.filename for u, bad in zip(uploads, broken) if bad)
+        log.error("model %s v%d returned non-finite probabilities for %s", served.name, served.version, names)
+        raise InferenceFailed(
+            f"model {served.name!r} version {served.version} returned non-finite probabilities (NaN or infinity) for {names}"
+        )
     k = min(top_k, len(spec.labels))
     predictions = []
     for upload, row in zip(uploads, probabilities):

@@ -52,7 +52,8 @@ def _rgb_model():
 
 
 def _fragile_model():
-    """An 8x8 greyscale classifier whose graph raises at run time when a batch holds an all-white image."""
+    """An 8x8 greyscale classifier whose graph raises at run time when a batch holds an all-white image,
+    and answers NaN probabilities for an all-black one."""
     import keras
     import tensorflow as tf
     from keras import layers
@@ -64,6 +65,8 @@ def _fragile_model():
 
     def break_on_white(args):
         image, p = args
+        brightest = tf.reduce_max(tf.cast(image, tf.float32), axis=[1, 2, 3])[:, None]
+        p = p * (brightest / brightest)  # 1, or 0/0 = NaN for an all-black image
         whitest = tf.reduce_max(tf.reduce_min(tf.cast(image, tf.int32), axis=[1, 2, 3]))
         poisoned = tf.cast(whitest >= 255, tf.int32)
         # Reshape to one row more than there are when poisoned: onnxruntime raises at run time.

@@ -119,6 +119,16 @@ def test_a_failing_batch_answers_json_500_without_internals_and_the_next_request
     assert httpx.get(f"{mixed_server.url}/health").status_code == 200
 
 
+def test_non_finite_probabilities_are_a_json_500_naming_the_file_and_the_service_goes_on(mixed_server):
+    black, grey = np.zeros((1, 8, 8, 1), np.uint8), np.full((1, 8, 8, 1), 100, np.uint8)
+    files = [("files", ("grey.png", png_bytes(grey[0, :, :, 0]), "image/png")), ("files", ("black.png", png_bytes(black[0, :, :, 0]), "image/png"))]
+    r = httpx.post(f"{mixed_server.url}/predict/fragile", files=files, timeout=30)
+    assert r.status_code == 500
+    assert r.json()["detail"] == "model 'fragile' version 1 returned non-finite probabilities (NaN or infinity) for black.png"
+    r = httpx.post(f"{mixed_server.url}/predict/fragile", files=files[:1], timeout=30)
+    assert r.status_code == 200 and np.isfinite(r.json()["predictions"][0]["probability"])
+
+
 async def test_a_failing_batch_fails_only_the_requests_batched_with_it(mixed_server):
     rng = np.random.default_rng(3)
     bodies = [_pngs(rng.integers(0, 200, (1, 8, 8, 1), dtype=np.uint8)) for _ in range(40)]
