@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,11 +155,13 @@ def load_source(path: Path, labels_file: Path | None = None, dataset: str | None
 
 
 def load_image_folder(folder: Path, source: Source, limit: int | None = None) -> Images:
-    """Images from a folder, decoded to the model's H×W×C the way the service decodes uploads.
+    """Images from a folder, decoded to the model's H×W×C by the service's own decoder.
 
     Class subfolders named after the labels give each image its class; a flat folder gives none.
+    Files that do not decode are skipped with a notice, as training skips them; none decoding is an error.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from service.errors import ServiceError
+    from training.imagefolder import decode_file
 
     if not folder.is_dir():
         raise ExportError(f"image folder {folder} does not exist")
@@ -178,19 +181,20 @@ def load_image_folder(folder: Path, source: Source, limit: int | None = None) ->
     if limit is not None:
         # Spread the sample over all classes rather than taking the first folder's images.
         entries = [entries[i] for i in np.linspace(0, len(entries) - 1, min(limit, len(entries))).astype(int)]
-    height, width, channels = source.input_shape
-    resample = getattr(Image.Resampling, source.resize_method.upper())
-    x = np.empty((len(entries), height, width, channels), np.uint8)
-    for i, (path, _) in enumerate(entries):
+    height, width, _ = source.input_shape
+    decoded, skipped = [], []
+    for path, label in entries:
         try:
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image).convert("L" if channels == 1 else "RGB")
-                if image.size != (width, height):
-                    image = image.resize((width, height), resample)
-                x[i] = np.asarray(image, np.uint8).reshape(height, width, channels)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ExportError(f"{path} is not a readable image: {exc}") from None
-    y = None if entries[0][1] is None else np.array([label for _, label in entries], np.int64)
+            decoded.append((decode_file(path, (height, width), source.color_mode, source.resize_method), label))
+        except (ServiceError, OSError) as exc:
+            skipped.append(f"{path.relative_to(folder)}: {exc}")
+    if not decoded:
+        raise ExportError(f"none of the {len(entries)} image files in {folder} could be decoded (first: {skipped[0]})")
+    if skipped:
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        print(f"skipped {len(skipped)} unreadable image file(s) in {folder}: {skipped[0]}{more}", file=sys.stderr)
+    x = np.stack([image for image, _ in decoded])
+    y = None if decoded[0][1] is None else np.array([label for _, label in decoded], np.int64)
     return Images(x, y, str(folder))
 
 

@@ -28,7 +28,7 @@ class FolderImages:
     skipped: list[str] = field(default_factory=list)  # "path: reason" for files that would not decode
 
 
-def decode_file(path: Path, size: tuple[int, int], color_mode: str) -> np.ndarray:
+def decode_file(path: Path, size: tuple[int, int], color_mode: str, resize_method: str = "bilinear") -> np.ndarray:
     """One image file to uint8 (H, W, C), through the service's own decoder.
 
     Sharing `service.imaging.decode_image` (decode, EXIF orientation, colour mode, bilinear resize
@@ -41,7 +41,7 @@ def decode_file(path: Path, size: tuple[int, int], color_mode: str) -> np.ndarra
     height, width = size
     spec = ModelMetadata(
         name="training", labels=["0", "1"], height=height, width=width, channels=1 if color_mode == "grayscale" else 3,
-        color_mode=color_mode, resize_method="bilinear", architecture="", dataset="",
+        color_mode=color_mode, resize_method=resize_method, architecture="", dataset="",
     )
     return decode_image(path.read_bytes(), path.name, spec, MAX_PIXELS)
 

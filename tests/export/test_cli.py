@@ -31,6 +31,7 @@ def test_a_keras_model_with_labels_and_images_exports_and_show_prints_the_same_c
     (tmp_path / "labels.txt").write_text("\n".join(labels) + "\n")
     with np.load(digits_run / "test_split.npz") as split:
         images = _image_folder(tmp_path / "held_out", split["x"], split["y"], labels)
+    (images / "3" / "broken.png").write_bytes(b"\x89PNG not really")  # skipped with a notice, as training does
     repository = tmp_path / "models"
 
     exported = _run(
@@ -41,6 +42,7 @@ def test_a_keras_model_with_labels_and_images_exports_and_show_prints_the_same_c
     assert "[3/4] parity" in exported.stderr
     assert "model card: fromfile v1 (float32)" in exported.stdout
     assert "parity     passed on 40 held-out images" in exported.stdout
+    assert "skipped 1 unreadable image file(s)" in exported.stderr and "3/broken.png" in exported.stderr
     assert list_models(repository) == {"fromfile": [1]}
     meta = read_metadata(repository / "fromfile" / "1" / "model.onnx")
     # H, W, C come from the model, the colour mode from C.
@@ -75,3 +77,21 @@ def test_cli_errors_are_clear_and_write_nothing(digits_run, tmp_path):
     not_a_model = _run("show", str(tmp_path / "models" / "nothing"))
     assert not_a_model.returncode == 1 and "is not a repository model" in not_a_model.stderr
     assert not repository.exists()
+
+
+def test_an_image_folder_in_which_nothing_decodes_is_refused_naming_a_file(tmp_path):
+    import pytest
+
+    from export.errors import ExportError
+    from export.source import Source, load_image_folder
+
+    source = Source(None, ["a", "b"], (8, 8, 1), "grayscale", "bilinear", "test", "test", "test")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "one.png").write_bytes(b"not a png")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "two.jpg").write_bytes(b"")
+    with pytest.raises(ExportError, match=r"none of the 2 image files .* could be decoded \(first: a/one.png"):
+        load_image_folder(tmp_path, source)
+    Image.fromarray(np.full((16, 12), 200, np.uint8), mode="L").save(tmp_path / "b" / "three.png")
+    images = load_image_folder(tmp_path, source)
+    assert images.x.shape == (1, 8, 8, 1) and images.y.tolist() == [1] and (images.x == 200).all()
