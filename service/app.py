@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from .errors import install_error_handlers
+from .imaging import allow_images_up_to
 from .metrics import Metrics
 from .middleware import BodySizeLimit, PredictMetrics
 from .registry import Registry
@@ -33,6 +34,7 @@ carries `Retry-After`."""
 def create_app(settings: Settings, device: Device | None = None) -> FastAPI:
     """The service for `settings`; `device` defaults to probing onnxruntime (raises DeviceUnavailable)."""
     device = device or resolve_device(settings.device)
+    allow_images_up_to(settings.max_image_pixels)
     log.info("%s", device.reason)
     metrics = Metrics()
     registry = Registry(settings, device, metrics)

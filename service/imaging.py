@@ -7,6 +7,7 @@ releases the GIL while it decodes and resizes).
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -28,6 +29,19 @@ _RESAMPLE = {
 # A JPEG is decoded at 1/2, 1/4 or 1/8 scale only while that keeps at least this many times the
 # model's input size, so the final resize still sees more pixels than it writes.
 DRAFT_MARGIN = 2
+
+
+def allow_images_up_to(max_pixels: int) -> None:
+    """Make `max_pixels` the limit that governs, for the whole process.
+
+    Pillow has a decompression-bomb limit of its own (about 179 M pixels, and a warning from half
+    that), checked while the header is read, before `decode_image` checks `max_pixels`; a service
+    configured for larger images would otherwise still refuse them. Pillow's limit is only ever
+    raised here, never lowered, and its warning is silenced: `decode_image` refuses what is over.
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _to_mode(image: Image.Image, color_mode: str) -> Image.Image:

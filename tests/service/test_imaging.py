@@ -137,6 +137,22 @@ def test_a_decompression_bomb_is_refused_from_its_header_before_decoding():
         decode_image(_png_claiming(2000, 1000), "wide.png", GREY8, 1_000_000)
 
 
+def test_a_pixel_limit_above_pillows_own_is_the_one_that_governs(monkeypatch):
+    from service.imaging import allow_images_up_to
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    allow_images_up_to(200_000_000)
+    # Over the limit: refused by the service's own check, which names the size and the limit.
+    with pytest.raises(ImageTooLarge, match="15000x14000 pixels is more than the limit of 200000000"):
+        decode_image(_png_claiming(15_000, 14_000), "big.png", GREY8, 200_000_000)
+    # Under it though above Pillow's default (about 179 M): decoding is attempted; this header's
+    # few bytes of pixel data make it an unreadable file, not a refused size.
+    with pytest.raises(UnsupportedImage, match="huge.png: not a readable image"):
+        decode_image(_png_claiming(14_000, 13_000), "huge.png", GREY8, 200_000_000)
+    allow_images_up_to(1_000_000)
+    assert Image.MAX_IMAGE_PIXELS == 200_000_000, "a lower limit never lowers Pillow's"
+
+
 @pytest.mark.parametrize("data", [b"", b"not an image", encode(base_rgb(), "PNG")[:60]])
 def test_unreadable_files_are_415_naming_the_file(data):
     with pytest.raises(UnsupportedImage, match="upload.bin"):
