@@ -7,11 +7,12 @@ PORT ?= 8000
 REPOSITORY ?= models
 PYTEST_ARGS ?=
 
-.PHONY: help serve test models install install-dev clean
+.PHONY: help serve test lint models install install-dev clean
 
 help:
 	@echo "make serve   install the serving stack in $(VENV) and serve $(REPOSITORY)/ at http://$(HOST):$(PORT) (Swagger UI at /docs)"
 	@echo "make test    install everything (training, export, tests) in $(VENV) and run the whole test suite"
+	@echo "make lint    ruff (lint and format check) and the package layer contracts"
 	@echo "make models  retrain and re-export the bundled digits model from its fixed seed"
 
 $(BIN)/python:
@@ -33,8 +34,14 @@ install-dev: $(VENV)/.installed-dev
 serve: $(VENV)/.installed-serve
 	$(BIN)/python -m service --host $(HOST) --port $(PORT) --repository $(REPOSITORY)
 
-test: $(VENV)/.installed-dev
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Lint and format check, and the package layers (the core imports no framework, the service no TensorFlow).
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 models: $(VENV)/.installed-dev
 	$(BIN)/python -m training train --model digits_cnn --dataset digits --seed 0 --run-dir runs/digits --overwrite

@@ -68,7 +68,9 @@ def generated_run(model_name: str, run_dir: Path, epochs: int, seed: int = 0) ->
     return x
 
 
-def measure(paths: dict[str, Path], x: np.ndarray, y: np.ndarray, batch: int, seconds: float, threads: int, rounds: int) -> dict[str, dict[str, float]]:
+def measure(
+    paths: dict[str, Path], x: np.ndarray, y: np.ndarray, batch: int, seconds: float, threads: int, rounds: int
+) -> dict[str, dict[str, float]]:
     """Accuracy, single-image latency (median ms) and batch throughput (images/s) of each file on the CPU.
 
     The files take turns, round after round, so a machine whose load drifts during the run
@@ -117,15 +119,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64, help="batch size of the throughput figure (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=6.0, help="timing per file, all rounds together (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=6, help="rounds in which the files take turns (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, 0 = all cores (default: %(default)s)")
-    parser.add_argument("--json", type=Path, default=Path("export_variants.json"), help="where the figures go (default: %(default)s)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="onnxruntime intra-op threads, 0 = all cores (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=Path("export_variants.json"), help="where the figures go (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     from export.errors import ExportError
     from export.exporter import export
     from export.source import load_run
-    from service.artifact import model_path
+    from kos_core.layout import model_path
 
     with tempfile.TemporaryDirectory(prefix="export-variants-") as scratch:
         calibration = None
@@ -138,7 +144,13 @@ def main(argv: list[str] | None = None) -> None:
         repository = Path(scratch) / "models"
         try:
             result = export(
-                run, "bench", repository, variants=["float16", "int8"], calibration=calibration, force_variants=True, show_progress=True
+                run,
+                "bench",
+                repository,
+                variants=["float16", "int8"],
+                calibration=calibration,
+                force_variants=True,
+                show_progress=True,
             )
         except ExportError as exc:
             sys.exit(f"export refused: {exc}")
@@ -154,9 +166,11 @@ def main(argv: list[str] | None = None) -> None:
         row["latency_ratio"] = row["latency_ms"] / base["latency_ms"]
         row["throughput_ratio"] = row["images_per_s"] / base["images_per_s"]
     model = result.metadata.architecture
-    print(f"\n{model} ({run_dir if args.run else 'generated data'}), {len(x)} held-out images, "
-          f"parity max |prob diff| {result.parity.max_abs_difference:.2e}, CPU: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores")
+    print(
+        f"\n{model} ({run_dir if args.run else 'generated data'}), {len(x)} held-out images, "
+        f"parity max |prob diff| {result.parity.max_abs_difference:.2e}, CPU: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores"
+    )
     header = f"{'precision':<10}{'size':>10}{'x f32':>7}{'accuracy':>10}{'drop pt':>9}{'1-image ms':>12}{'x f32':>7}{f'batch{args.batch} img/s':>16}{'x f32':>7}"
     print(header)
     print("-" * len(header))

@@ -14,8 +14,8 @@ import onnxruntime as ort
 import uvicorn
 from fastapi import FastAPI, UploadFile
 
-from service.artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata
-from service.imaging import decode_image
+from kos_core.artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+from kos_core.imaging import decode_image
 from service.inference import top_k_scores
 
 
@@ -35,7 +35,14 @@ def create_naive_app(model_file: Path, intra_op_threads: int = 0) -> FastAPI:
         predictions = []
         for f, row in zip(files, probabilities):
             scores = top_k_scores(row, spec.labels, min(top_k, len(spec.labels)))
-            predictions.append({"filename": f.filename, "label": scores[0].label, "probability": scores[0].probability, "top_k": [s.model_dump() for s in scores]})
+            predictions.append(
+                {
+                    "filename": f.filename,
+                    "label": scores[0].label,
+                    "probability": scores[0].probability,
+                    "top_k": [s.model_dump() for s in scores],
+                }
+            )
         return {"model": model, "version": 1, "predictions": predictions}
 
     @app.get("/health")

@@ -73,7 +73,7 @@ def build_mobilenet(out_repository: Path) -> None:
 
     from export.convert import to_onnx
     from export.repository import attach_metadata, write_atomically
-    from service.artifact import MODEL_FILENAME, ModelMetadata
+    from kos_core.artifact import MODEL_FILENAME, ModelMetadata
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((224, 224, 3), dtype="uint8", name="image")
@@ -96,7 +96,7 @@ def build_mobilenet(out_repository: Path) -> None:
 
 
 def model_file(name: str, cache: Path) -> Path:
-    from service.artifact import model_path
+    from kos_core.layout import model_path
 
     if name == "digits":
         return model_path(ROOT / "models", "digits", 1)
@@ -146,7 +146,7 @@ class Pipeline:
     def __init__(self, path: Path, blobs: list[bytes], batch: int, intra: int, spinning: bool, workers: int = 1):
         import onnxruntime as ort
 
-        from service.artifact import ModelMetadata
+        from kos_core.artifact import ModelMetadata
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra
@@ -158,18 +158,21 @@ class Pipeline:
         self.run(np.zeros((batch, *self.spec.input_shape), np.uint8))
 
     def run(self, images: np.ndarray) -> None:
-        from service.artifact import INPUT_NAME, OUTPUT_NAME
+        from kos_core.artifact import INPUT_NAME, OUTPUT_NAME
 
         self.session.run([OUTPUT_NAME], {INPUT_NAME: images})
 
     def rate(self, seconds: float) -> float:
         """Images per second over about `seconds`, with `workers` batches in flight at once."""
-        from service.imaging import decode_image
+        from kos_core.imaging import decode_image
 
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
 
             def decode_batch(start: int) -> list:
-                return [pool.submit(decode_image, self.blobs[(start + i) % len(self.blobs)], "x", self.spec, 40_000_000) for i in range(self.batch)]
+                return [
+                    pool.submit(decode_image, self.blobs[(start + i) % len(self.blobs)], "x", self.spec, 40_000_000)
+                    for i in range(self.batch)
+                ]
 
             def worker(offset: int) -> int:
                 done, start = 0, offset
@@ -263,8 +266,18 @@ def _ms(text: str) -> float:
 def run_wrk(url: str, manifest: Path, concurrency: int, seconds: float, threads: int) -> tuple[dict, float]:
     """Run wrk; its parsed figures and its CPU share of the machine."""
     command = [
-        "wrk", f"-t{min(threads, concurrency)}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency",
-        "--timeout", "30s", "-s", str(LUA), url, "--", str(manifest),
+        "wrk",
+        f"-t{min(threads, concurrency)}",
+        f"-c{concurrency}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout",
+        "30s",
+        "-s",
+        str(LUA),
+        url,
+        "--",
+        str(manifest),
     ]
     with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file:
         began = time.perf_counter()
@@ -291,7 +304,12 @@ def run_wrk(url: str, manifest: Path, concurrency: int, seconds: float, threads:
 
 
 def load_test(
-    targets: dict[str, str], manifest: Path, concurrencies: list[int], seconds: float, rounds: int, threads: int,
+    targets: dict[str, str],
+    manifest: Path,
+    concurrencies: list[int],
+    seconds: float,
+    rounds: int,
+    threads: int,
     ceiling: Pipeline | None = None,
 ) -> tuple[list[LoadResult], dict[int, float]]:
     """Every target at every concurrency, in alternating rounds so that drift in the machine's
@@ -324,8 +342,10 @@ def load_test(
                 wrk_cpu_share=float(np.mean([share for _, share in runs])),
             )
             results.append(result)
-            progress(f"  {target:8s} c={c:3d}: {result.requests_per_s:8.1f} img/s  p50 {result.p50_ms:7.2f} ms  "
-                     f"p99 {result.p99_ms:7.2f} ms  wrk CPU {result.wrk_cpu_share:5.1%}")
+            progress(
+                f"  {target:8s} c={c:3d}: {result.requests_per_s:8.1f} img/s  p50 {result.p50_ms:7.2f} ms  "
+                f"p99 {result.p99_ms:7.2f} ms  wrk CPU {result.wrk_cpu_share:5.1%}"
+            )
     return results, ceilings
 
 
@@ -348,8 +368,14 @@ def service_setting(best: Ceiling, tried: list[Ceiling], tolerance: float = 0.10
     cores = os.cpu_count() or 1
     near = [t for t in tried if t.images_per_s >= (1 - tolerance) * best.images_per_s]
     chosen = min(near, key=lambda t: (t.intra_op_threads, -t.workers, -t.batch_size))
-    flags = ["--max-batch-size", str(chosen.batch_size), "--intra-op-threads", str(chosen.intra_op_threads),
-             "--inference-workers", str(chosen.workers)]
+    flags = [
+        "--max-batch-size",
+        str(chosen.batch_size),
+        "--intra-op-threads",
+        str(chosen.intra_op_threads),
+        "--inference-workers",
+        str(chosen.workers),
+    ]
     if chosen.intra_op_threads < cores:
         flags += ["--lone-request-threads", str(cores)]
     return flags
@@ -376,8 +402,21 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     if "ceiling" in record and not args.untuned:
         tuned = service_setting(pipeline.setting, tried)
     port = free_port()
-    service = [sys.executable, "-m", "service", "--port", str(port), "--repository", str(repository), "--log-level", "warning",
-               "--watch-interval-s", "0", *tuned, *args.service_args.split()]
+    service = [
+        sys.executable,
+        "-m",
+        "service",
+        "--port",
+        str(port),
+        "--repository",
+        str(repository),
+        "--log-level",
+        "warning",
+        "--watch-interval-s",
+        "0",
+        *tuned,
+        *args.service_args.split(),
+    ]
     record["service_flags"] = service[3:]
     progress(f"{name}: starting the service ({' '.join(service[2:])})" + ("" if args.skip_naive else " and the naive endpoint"))
     processes = [start(service, port)]
@@ -385,7 +424,12 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     try:
         if not args.skip_naive:
             naive_port = free_port()
-            processes.append(start([sys.executable, str(Path(__file__).parent / "naive_server.py"), str(path), "--port", str(naive_port)], naive_port))
+            processes.append(
+                start(
+                    [sys.executable, str(Path(__file__).parent / "naive_server.py"), str(path), "--port", str(naive_port)],
+                    naive_port,
+                )
+            )
             targets["naive"] = f"http://127.0.0.1:{naive_port}/predict/{name}"
         results, ceilings = load_test(targets, manifest, args.concurrency, args.duration, args.rounds, args.wrk_threads, pipeline)
     finally:
@@ -400,25 +444,33 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
 
 def print_table(records: list[dict]) -> None:
     print()
-    print(f"{'model':10s} {'target':8s} {'conc':>4s} {'img/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} {'wrk CPU':>8s} {'of ceiling':>10s}")
+    print(
+        f"{'model':10s} {'target':8s} {'conc':>4s} {'img/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} {'wrk CPU':>8s} {'of ceiling':>10s}"
+    )
     for record in records:
         ceiling = record.get("ceiling", {}).get("images_per_s")
         if ceiling:
             c = record["ceiling"]
-            print(f"{record['model']:10s} {'ceiling':8s} {'':>4s} {ceiling:9.1f} {'':>8s} {'':>8s} {'':>6s} {'':>8s} {'100%':>10s}"
-                  f"   (batch {c['batch_size']}, intra-op threads {c['intra_op_threads']}, spinning {c['spinning']}, "
-                  f"batches in flight {c['workers']})")
+            print(
+                f"{record['model']:10s} {'ceiling':8s} {'':>4s} {ceiling:9.1f} {'':>8s} {'':>8s} {'':>6s} {'':>8s} {'100%':>10s}"
+                f"   (batch {c['batch_size']}, intra-op threads {c['intra_op_threads']}, spinning {c['spinning']}, "
+                f"batches in flight {c['workers']})"
+            )
         by_c = record.get("ceiling_by_concurrency", {})
         for r in record["load"]:
             alongside = by_c.get(r["concurrency"], ceiling)
             share = f"{r['requests_per_s'] / alongside:.0%}" if alongside else "-"
-            print(f"{record['model']:10s} {r['target']:8s} {r['concurrency']:4d} {r['requests_per_s']:9.1f} {r['p50_ms']:8.2f} "
-                  f"{r['p99_ms']:8.2f} {r['errors']:6d} {r['wrk_cpu_share']:8.1%} {share:>10s}")
+            print(
+                f"{record['model']:10s} {r['target']:8s} {r['concurrency']:4d} {r['requests_per_s']:9.1f} {r['p50_ms']:8.2f} "
+                f"{r['p99_ms']:8.2f} {r['errors']:6d} {r['wrk_cpu_share']:8.1%} {share:>10s}"
+            )
         by = {(r["target"], r["concurrency"]): r for r in record["load"]}
         if ceiling and ("service", 32) in by:
             alongside = by_c.get(32, ceiling)
-            print(f"  target 1: service at c=32 is {by[('service', 32)]['requests_per_s'] / alongside:.0%} of the ceiling "
-                  f"measured in the same rounds, {alongside:.1f} img/s (goal >= 85%)")
+            print(
+                f"  target 1: service at c=32 is {by[('service', 32)]['requests_per_s'] / alongside:.0%} of the ceiling "
+                f"measured in the same rounds, {alongside:.1f} img/s (goal >= 85%)"
+            )
         if ("service", 1) in by and ("naive", 1) in by:
             gap = by[("service", 1)]["p50_ms"] - by[("naive", 1)]["p50_ms"]
             print(f"  target 2: service p50 at c=1 is {gap:+.2f} ms from the naive endpoint's (goal <= +2 ms)")
@@ -434,7 +486,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="distinct JPEG files cycled through")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (it shares the cores with the server)")
     parser.add_argument("--service-args", default="", help="extra flags for python -m service, e.g. '--max-batch-size 16'")
-    parser.add_argument("--untuned", action="store_true", help="serve with the service's defaults, not the ceiling's best batch size and threads")
+    parser.add_argument(
+        "--untuned", action="store_true", help="serve with the service's defaults, not the ceiling's best batch size and threads"
+    )
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--skip-ceiling", action="store_true")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench-cache", help="where the MobileNetV2 export is kept")

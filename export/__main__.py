@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", type=int, help="version to write (default: one above the highest there)")
     parser.add_argument("--overwrite", action="store_true", help="replace the version if it exists")
     parser.add_argument("--labels", type=Path, help="class labels of a .keras source: text, one a line, or a JSON list")
-    parser.add_argument("--images", type=Path, help="folder of held-out images for the parity check (default: the run's test split)")
+    parser.add_argument(
+        "--images", type=Path, help="folder of held-out images for the parity check (default: the run's test split)"
+    )
     parser.add_argument("--dataset", help="data set name recorded for a .keras source (default: unknown)")
     parser.add_argument(
         "--resize-method",
@@ -76,16 +78,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the service resizes uploads for a .keras source (default: bilinear)",
     )
     parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset, %(default)s or newer (default: %(default)s)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=[], metavar="VARIANT", help=f"also write reduced-precision files: {', '.join(VARIANTS)}")
-    parser.add_argument("--force-variants", action="store_true", help=f"keep a variant that loses more than {MAX_ACCURACY_DROP_POINTS:g} point of accuracy")
-    parser.add_argument("--calibration-images", type=Path, help="folder of training images to calibrate int8 on (default: the run's data set)")
-    parser.add_argument("--calibration-size", type=int, default=CALIBRATION_IMAGES, help="training images int8 is calibrated on (default: %(default)s)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=[],
+        metavar="VARIANT",
+        help=f"also write reduced-precision files: {', '.join(VARIANTS)}",
+    )
+    parser.add_argument(
+        "--force-variants",
+        action="store_true",
+        help=f"keep a variant that loses more than {MAX_ACCURACY_DROP_POINTS:g} point of accuracy",
+    )
+    parser.add_argument(
+        "--calibration-images", type=Path, help="folder of training images to calibrate int8 on (default: the run's data set)"
+    )
+    parser.add_argument(
+        "--calibration-size",
+        type=int,
+        default=CALIBRATION_IMAGES,
+        help="training images int8 is calibrated on (default: %(default)s)",
+    )
     return parser
 
 
 def build_show_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export show", description="Print the model card of a repository model.")
-    parser.add_argument("path", type=Path, help="<repository>/<name>/<version>, <repository>/<name> (latest version) or a .onnx file")
+    parser.add_argument(
+        "path", type=Path, help="<repository>/<name>/<version>, <repository>/<name> (latest version) or a .onnx file"
+    )
     return parser
 
 

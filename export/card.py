@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.artifact import MODEL_FILENAME, PRECISION_FILENAMES, ModelMetadata, list_versions
+from kos_core.artifact import MODEL_FILENAME, PRECISION_FILENAMES, ModelMetadata
+from kos_core.layout import list_versions
 
 from .errors import ExportError
 
@@ -38,14 +39,18 @@ def resolve_model_file(path: Path) -> Path:
         versions = list_versions(path.parent, path.name)
         if versions:
             return path / str(versions[-1]) / MODEL_FILENAME
-    raise ExportError(f"{path} is not a repository model: give <repository>/<name>/<version>, <repository>/<name> or a .onnx file")
+    raise ExportError(
+        f"{path} is not a repository model: give <repository>/<name>/<version>, <repository>/<name> or a .onnx file"
+    )
 
 
 def model_card(meta: ModelMetadata, model_file: Path | None = None) -> str:
     """A few lines a person reads to know what this model is and whether to trust it."""
     where = f"  {model_file}, {_size(model_file)}" if model_file is not None and model_file.is_file() else ""
     version = f" v{model_file.parent.name}" if model_file is not None and model_file.parent.name.isdigit() else ""
-    labels = ", ".join(meta.labels[:10]) + (f", ... ({len(meta.labels)} classes)" if len(meta.labels) > 10 else f" ({len(meta.labels)} classes)")
+    labels = ", ".join(meta.labels[:10]) + (
+        f", ... ({len(meta.labels)} classes)" if len(meta.labels) > 10 else f" ({len(meta.labels)} classes)"
+    )
     metrics = ", ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in sorted(meta.metrics.items())) or "none recorded"
     lines = [
         f"model card: {meta.name}{version} ({meta.precision}){where}",

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from service.artifact import INPUT_NAME, OUTPUT_NAME
+from kos_core.artifact import INPUT_NAME, OUTPUT_NAME
 
 from .errors import ExportError
 
@@ -34,7 +34,7 @@ def _is_augmentation(layer) -> bool:
     return name.startswith("Random") or name in AUGMENTATION_LAYERS
 
 
-def iter_layers(model: "keras.Model") -> list["keras.layers.Layer"]:
+def iter_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """Every layer of the model, nested models included, depth first."""
     found = []
     for layer in model.layers:
@@ -52,7 +52,7 @@ def _is_identity_preprocessing(layer) -> bool:
     return scale == 1.0 and offset == 0.0
 
 
-def to_onnx(model: "keras.Model", opset: int = OPSET) -> "onnx.ModelProto":
+def to_onnx(model: keras.Model, opset: int = OPSET) -> onnx.ModelProto:
     """The Keras model as an ONNX ModelProto: uint8 NHWC `image` in, float32 `probabilities` out."""
     import tensorflow as tf
     import tf2onnx
@@ -60,7 +60,9 @@ def to_onnx(model: "keras.Model", opset: int = OPSET) -> "onnx.ModelProto":
     if opset < OPSET:
         raise ExportError(f"opset {opset} is too old: use {OPSET} or newer")
     if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ExportError(f"the model has {len(model.inputs)} input(s) and {len(model.outputs)} output(s); an image classifier has one of each")
+        raise ExportError(
+            f"the model has {len(model.inputs)} input(s) and {len(model.outputs)} output(s); an image classifier has one of each"
+        )
     shape = tuple(model.inputs[0].shape)
     if len(shape) != 4 or shape[-1] not in (1, 3) or any(not isinstance(d, int) or d <= 0 for d in shape[1:]):
         raise ExportError(f"the model's input {shape} is not an image batch (batch, height, width, 1 or 3) of fixed size")
@@ -103,7 +105,7 @@ def _quiet_optimizer_warnings() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _inline_captured_tensors(proto: "onnx.ModelProto", captured: dict) -> None:
+def _inline_captured_tensors(proto: onnx.ModelProto, captured: dict) -> None:
     """Turn graph inputs that stand for captured constant tensors into initializers holding their values."""
     from onnx import numpy_helper
 
@@ -127,7 +129,7 @@ class GraphReport:
         return {"augmentation_removed": self.augmentation_removed, "preprocessing_kept": self.preprocessing_kept}
 
 
-def _ops_before_first_weighted_op(proto: "onnx.ModelProto") -> list[str]:
+def _ops_before_first_weighted_op(proto: onnx.ModelProto) -> list[str]:
     """Op types on the way from the image input to the first Conv / MatMul / Gemm."""
     consumers: dict[str, list] = {}
     for node in proto.graph.node:
@@ -146,7 +148,7 @@ def _ops_before_first_weighted_op(proto: "onnx.ModelProto") -> list[str]:
     return ops
 
 
-def check_graph(model: "keras.Model", proto: "onnx.ModelProto") -> GraphReport:
+def check_graph(model: keras.Model, proto: onnx.ModelProto) -> GraphReport:
     """Refuse a graph where augmentation survived or preprocessing vanished; say which layers were checked."""
     ops = {node.op_type for node in proto.graph.node}
     random_ops = sorted(ops & RANDOM_OPS)
@@ -168,13 +170,17 @@ def check_graph(model: "keras.Model", proto: "onnx.ModelProto") -> GraphReport:
             report.augmentation_removed.append(layer.name)
         elif type(layer).__name__ in PREPROCESSING_LAYERS and not _is_identity_preprocessing(layer):
             if layer.name not in arithmetic_scopes:
-                raise ExportError(f"preprocessing layer {layer.name!r} ({type(layer).__name__}) left no arithmetic in the exported graph")
+                raise ExportError(
+                    f"preprocessing layer {layer.name!r} ({type(layer).__name__}) left no arithmetic in the exported graph"
+                )
             report.preprocessing_kept.append(layer.name)
         elif layer.name.startswith(PREPROCESSING_PREFIX) and layer.weights:
             # The zoo names other preprocessing it builds from ordinary layers (caffe's BGR mean
             # convolution) preprocess_*: it must have become nodes of its own.
             if layer.name not in scopes:
-                raise ExportError(f"preprocessing layer {layer.name!r} ({type(layer).__name__}) is missing from the exported graph")
+                raise ExportError(
+                    f"preprocessing layer {layer.name!r} ({type(layer).__name__}) is missing from the exported graph"
+                )
             report.preprocessing_kept.append(layer.name)
     if report.preprocessing_kept and not ARITHMETIC_OPS & set(_ops_before_first_weighted_op(proto)):
         raise ExportError("the exported graph feeds the image to its first layer without the model's preprocessing arithmetic")

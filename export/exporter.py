@@ -11,11 +11,19 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from service.artifact import PRECISION_FILENAMES, ModelMetadata
+from kos_core.artifact import PRECISION_FILENAMES, ModelMetadata
 
 from .convert import OPSET, GraphReport, check_graph, to_onnx
 from .errors import ExportError
-from .parity import Parity, VariantCheck, check_outputs_are_probabilities, check_parity, check_variant, keras_probabilities, onnx_probabilities
+from .parity import (
+    Parity,
+    VariantCheck,
+    check_outputs_are_probabilities,
+    check_parity,
+    check_variant,
+    keras_probabilities,
+    onnx_probabilities,
+)
 from .repository import attach_metadata, check_name, check_version_free, next_version, write_atomically
 from .source import Images, Source, training_images
 from .variants import CALIBRATION_IMAGES, VARIANTS, make_variant
@@ -131,7 +139,9 @@ def export(
     for i, precision in enumerate(variants, start=4):
         progress(f"[{i}/{steps}] {precision} variant, checked for accuracy against float32")
         protos[precision] = make_variant(precision, proto, calibration if precision == "int8" else None)
-        checks[precision] = check_variant(precision, got, protos[precision], held_out.x, held_out.y, force_variants, show_progress)
+        checks[precision] = check_variant(
+            precision, got, protos[precision], held_out.x, held_out.y, force_variants, show_progress
+        )
 
     progress(f"[{steps}/{steps}] writing {repository / name / str(version)}")
     metadata = ModelMetadata(

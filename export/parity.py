@@ -8,10 +8,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.artifact import INPUT_NAME, OUTPUT_NAME
+from kos_core.artifact import INPUT_NAME, OUTPUT_NAME
 
 from .errors import ExportError
-
 from .progress import ProgressBar
 
 if TYPE_CHECKING:
@@ -45,7 +44,7 @@ class Parity:
         }
 
 
-def session_for(proto: "onnx.ModelProto") -> "ort.InferenceSession":
+def session_for(proto: onnx.ModelProto) -> ort.InferenceSession:
     """A CPU onnxruntime session on an in-memory model: parity is about the graph, not the hardware."""
     import onnxruntime as ort
 
@@ -63,12 +62,16 @@ def _batches(images: np.ndarray, batch_size: int, show_progress: bool) -> Iterat
             bar.advance(len(batch))
 
 
-def onnx_probabilities(proto: "onnx.ModelProto", images: np.ndarray, batch_size: int = BATCH_SIZE, show_progress: bool = False) -> np.ndarray:
+def onnx_probabilities(
+    proto: onnx.ModelProto, images: np.ndarray, batch_size: int = BATCH_SIZE, show_progress: bool = False
+) -> np.ndarray:
     session = session_for(proto)
     return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: b})[0] for b in _batches(images, batch_size, show_progress)])
 
 
-def keras_probabilities(model: "keras.Model", images: np.ndarray, batch_size: int = BATCH_SIZE, show_progress: bool = False) -> np.ndarray:
+def keras_probabilities(
+    model: keras.Model, images: np.ndarray, batch_size: int = BATCH_SIZE, show_progress: bool = False
+) -> np.ndarray:
     # Direct calls in inference mode, as the exported function calls the model.
     return np.concatenate([np.asarray(model(b, training=False)) for b in _batches(images, batch_size, show_progress)])
 
@@ -78,7 +81,9 @@ def check_outputs_are_probabilities(probabilities: np.ndarray, classes: int) -> 
     if probabilities.ndim != 2 or probabilities.shape[1] != classes:
         raise ExportError(f"the model answers {probabilities.shape[1:]} per image but there are {classes} labels")
     if (probabilities < -1e-6).any() or not np.allclose(probabilities.sum(1), 1.0, atol=1e-3):
-        raise ExportError("the model's outputs are not probabilities (rows must be non-negative and sum to 1): end it with a softmax")
+        raise ExportError(
+            "the model's outputs are not probabilities (rows must be non-negative and sum to 1): end it with a softmax"
+        )
 
 
 def compare(expected: np.ndarray, got: np.ndarray) -> Parity:
@@ -143,7 +148,13 @@ class VariantCheck:
 
 
 def check_variant(
-    precision: str, reference: np.ndarray, proto: "onnx.ModelProto", images: np.ndarray, y: np.ndarray | None, force: bool = False, show_progress: bool = False
+    precision: str,
+    reference: np.ndarray,
+    proto: onnx.ModelProto,
+    images: np.ndarray,
+    y: np.ndarray | None,
+    force: bool = False,
+    show_progress: bool = False,
 ) -> VariantCheck:
     """Refuse a variant that loses more than a point of accuracy, unless forced."""
     got = onnx_probabilities(proto, images, show_progress=show_progress)

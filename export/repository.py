@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.artifact import MODEL_FILENAME, ModelMetadata, list_versions
+from kos_core.artifact import MODEL_FILENAME, ModelMetadata
+from kos_core.layout import list_versions
 
 from .errors import ExportError
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
     import onnx
 
 
-def attach_metadata(proto: "onnx.ModelProto", metadata: ModelMetadata) -> None:
+def attach_metadata(proto: onnx.ModelProto, metadata: ModelMetadata) -> None:
     """Put the metadata into the ONNX file's `metadata_props`, replacing what a key held before."""
     for key, value in metadata.to_metadata_props().items():
         entry = next((p for p in proto.metadata_props if p.key == key), None) or proto.metadata_props.add()
@@ -42,7 +43,9 @@ def check_version_free(repository: Path, name: str, version: int, overwrite: boo
         raise ExportError(f"{target} already exists: choose another version or pass --overwrite")
 
 
-def write_atomically(files: dict[str, "onnx.ModelProto"], repository: Path, name: str, version: int, overwrite: bool = False) -> Path:
+def write_atomically(
+    files: dict[str, onnx.ModelProto], repository: Path, name: str, version: int, overwrite: bool = False
+) -> Path:
     """Write `<repository>/<name>/<version>/` with its files so a watcher never sees a partial model.
 
     `files` maps file names to ONNX protos and must hold model.onnx. They are written into a hidden
@@ -77,7 +80,9 @@ def write_atomically(files: dict[str, "onnx.ModelProto"], repository: Path, name
                 os.replace(staging, target)
             except OSError:
                 if target.exists():  # another export took this version between the check and the rename
-                    raise ExportError(f"{target} was written by another export meanwhile: export again for the next version") from None
+                    raise ExportError(
+                        f"{target} was written by another export meanwhile: export again for the next version"
+                    ) from None
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from training.train import MODEL_FILE, RUN_FILE, TEST_SPLIT_FILE
+from kos_core.artifact import InputSpec
+from kos_core.layout import RUN_FILE, TEST_SPLIT_FILE
+from kos_core.layout import RUN_MODEL_FILE as MODEL_FILE
 
 from .errors import ExportError
-
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
 @dataclass
@@ -120,7 +120,9 @@ def load_run(run_dir: Path) -> Source:
     )
 
 
-def load_keras_file(model_file: Path, labels_file: Path | None, dataset: str = "unknown", resize_method: str = "bilinear") -> Source:
+def load_keras_file(
+    model_file: Path, labels_file: Path | None, dataset: str = "unknown", resize_method: str = "bilinear"
+) -> Source:
     """A saved Keras model and its labels; H, W, C come from the model and the colour mode from C."""
     if not model_file.is_file():
         raise ExportError(f"{model_file} does not exist")
@@ -141,7 +143,9 @@ def load_keras_file(model_file: Path, labels_file: Path | None, dataset: str = "
     )
 
 
-def load_source(path: Path, labels_file: Path | None = None, dataset: str | None = None, resize_method: str | None = None) -> Source:
+def load_source(
+    path: Path, labels_file: Path | None = None, dataset: str | None = None, resize_method: str | None = None
+) -> Source:
     """A run folder or a `.keras` file, whichever `path` is."""
     if path.is_dir():
         if labels_file is not None:
@@ -160,8 +164,8 @@ def load_image_folder(folder: Path, source: Source, limit: int | None = None) ->
     Class subfolders named after the labels give each image its class; a flat folder gives none.
     Files that do not decode are skipped with a notice, as training skips them; none decoding is an error.
     """
-    from service.errors import ServiceError
-    from training.imagefolder import decode_file
+    from kos_core.errors import ImageError
+    from kos_core.imagefolder import IMAGE_SUFFIXES, decode_file, image_files
 
     if not folder.is_dir():
         raise ExportError(f"image folder {folder} does not exist")
@@ -173,20 +177,21 @@ def load_image_folder(folder: Path, source: Source, limit: int | None = None) ->
             raise ExportError(f"image folder {folder} has class folders {unknown} that are not labels of the model")
         for sub in subfolders:
             index = source.labels.index(sub.name)
-            entries += [(p, index) for p in sorted(sub.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+            entries += [(p, index) for p in image_files(sub)]
     else:
-        entries = [(p, None) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        entries = [(p, None) for p in image_files(folder, recursive=False)]
     if not entries:
         raise ExportError(f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if limit is not None:
         # Spread the sample over all classes rather than taking the first folder's images.
         entries = [entries[i] for i in np.linspace(0, len(entries) - 1, min(limit, len(entries))).astype(int)]
     height, width, _ = source.input_shape
+    spec = InputSpec(height, width, source.color_mode, source.resize_method)  # type: ignore[arg-type]
     decoded, skipped = [], []
     for path, label in entries:
         try:
-            decoded.append((decode_file(path, (height, width), source.color_mode, source.resize_method), label))
-        except (ServiceError, OSError) as exc:
+            decoded.append((decode_file(path, spec), label))
+        except (ImageError, OSError) as exc:
             skipped.append(f"{path.relative_to(folder)}: {exc}")
     if not decoded:
         raise ExportError(f"none of the {len(entries)} image files in {folder} could be decoded (first: {skipped[0]})")
@@ -222,7 +227,9 @@ def training_images(source: Source, limit: int) -> Images:
             f"({exc}); give a folder of training images with --calibration-images"
         ) from None
     if tuple(data.train.x.shape[1:]) != tuple(source.input_shape):
-        raise ExportError(f"data set {source.dataset!r} has images {data.train.x.shape[1:]}, the model takes {source.input_shape}")
+        raise ExportError(
+            f"data set {source.dataset!r} has images {data.train.x.shape[1:]}, the model takes {source.input_shape}"
+        )
     rng = np.random.default_rng(int(config.get("seed", 0)))
     pick = np.sort(rng.choice(len(data.train.x), size=min(limit, len(data.train.x)), replace=False))
     return Images(data.train.x[pick], data.train.y[pick], f"{data.name} training split")

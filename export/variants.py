@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.artifact import INPUT_NAME
+from kos_core.artifact import INPUT_NAME
 
 from .errors import ExportError
 
@@ -21,7 +21,7 @@ VARIANTS = ("float16", "int8")
 CALIBRATION_IMAGES = 200
 
 
-def to_float16(proto: "onnx.ModelProto") -> "onnx.ModelProto":
+def to_float16(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Float16 weights and arithmetic; `image` stays uint8 and `probabilities` float32 for the service."""
     from onnxconverter_common import float16
 
@@ -31,9 +31,7 @@ def to_float16(proto: "onnx.ModelProto") -> "onnx.ModelProto":
     with warnings.catch_warnings():
         # Weights below float16's range are clamped, with one warning each; the accuracy check judges the result.
         warnings.simplefilter("ignore", UserWarning)
-        return float16.convert_float_to_float16(
-            proto, keep_io_types=True, op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, "Cast"]
-        )
+        return float16.convert_float_to_float16(proto, keep_io_types=True, op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, "Cast"])
 
 
 class _ImageReader:
@@ -50,7 +48,7 @@ class _ImageReader:
         pass
 
 
-def to_int8(proto: "onnx.ModelProto", calibration: np.ndarray) -> "onnx.ModelProto":
+def to_int8(proto: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
     """Static int8 quantisation (QDQ, per-channel weights) calibrated on training images."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -81,7 +79,7 @@ def to_int8(proto: "onnx.ModelProto", calibration: np.ndarray) -> "onnx.ModelPro
         return onnx.load(folder / "int8.onnx")
 
 
-def make_variant(precision: str, proto: "onnx.ModelProto", calibration: np.ndarray | None = None) -> "onnx.ModelProto":
+def make_variant(precision: str, proto: onnx.ModelProto, calibration: np.ndarray | None = None) -> onnx.ModelProto:
     if precision == "float16":
         return to_float16(proto)
     if precision == "int8":

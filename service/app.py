@@ -13,8 +13,9 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from kos_core.imaging import allow_images_up_to
+
 from .errors import install_error_handlers
-from .imaging import allow_images_up_to
 from .metrics import Metrics
 from .middleware import BodySizeLimit, PredictMetrics
 from .registry import Registry

@@ -50,7 +50,7 @@ _STOP = object()
 class Announcement:
     """Images a request is decoding for this batcher; while any are announced the batcher may wait for them."""
 
-    batcher: "Batcher"
+    batcher: Batcher
     count: int
     withdrawn: bool = field(default=False)
 
@@ -159,7 +159,14 @@ class Batcher:
 
     def idle(self) -> bool:
         """Nothing queued, announced, gathering or running: a new request would run alone at once."""
-        return not self._closing and self._task is not None and self.depth == 0 and self._incoming <= 0 and not self._running and self._alone == 0
+        return (
+            not self._closing
+            and self._task is not None
+            and self.depth == 0
+            and self._incoming <= 0
+            and not self._running
+            and self._alone == 0
+        )
 
     async def run_alone(self, prepare: Callable[[], np.ndarray]) -> np.ndarray:
         """Prepare (decode) and run one request's images in a single trip to the inference thread.
@@ -174,7 +181,9 @@ class Batcher:
             raise BatcherClosed(f"the batcher of {self.name} v{self.version} is closed")
         self._alone += 1
         try:
-            images, rows, elapsed = await asyncio.get_running_loop().run_in_executor(self._executor, self._prepare_and_run, prepare)
+            images, rows, elapsed = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._prepare_and_run, prepare
+            )
         except _ModelRaised as failure:
             log.error("inference failed for %s v%d on one request run alone", self.name, self.version, exc_info=failure.__cause__)
             if self._metrics:
@@ -223,7 +232,9 @@ class Batcher:
         return np.stack([item.future.result() for item in items])
 
     def _deadline_detail(self) -> str:
-        return f"the request's deadline passed before its images ran on model {self.name!r} version {self.version}; nothing was run"
+        return (
+            f"the request's deadline passed before its images ran on model {self.name!r} version {self.version}; nothing was run"
+        )
 
     async def close(self) -> None:
         """Stop taking work, finish every queued image, then stop."""

@@ -18,22 +18,36 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("kos_requests", "Prediction requests answered, by model and HTTP status.", ["model", "status"], registry=r)
+        self.requests = Counter(
+            "kos_requests", "Prediction requests answered, by model and HTTP status.", ["model", "status"], registry=r
+        )
         self.request_latency = Histogram(
-            "kos_request_latency_seconds", "Prediction request latency, arrival to answer.", ["model"], buckets=_SECONDS, registry=r
+            "kos_request_latency_seconds",
+            "Prediction request latency, arrival to answer.",
+            ["model"],
+            buckets=_SECONDS,
+            registry=r,
         )
         self.in_progress = Gauge("kos_requests_in_progress", "Prediction requests being handled now.", registry=r)
         self.images = Counter("kos_images", "Images classified, by model.", ["model"], registry=r)
         self.batch_size = Histogram("kos_batch_size", "Images per onnxruntime run.", ["model"], buckets=_BATCH, registry=r)
         self.queue_wait = Histogram(
-            "kos_queue_wait_seconds", "Time an image waited in the queue before its batch started.", ["model"], buckets=_SECONDS, registry=r
+            "kos_queue_wait_seconds",
+            "Time an image waited in the queue before its batch started.",
+            ["model"],
+            buckets=_SECONDS,
+            registry=r,
         )
         self.inference = Histogram(
             "kos_inference_seconds", "onnxruntime time per batch.", ["model"], buckets=_SECONDS, registry=r
         )
-        self.queue_depth = Gauge("kos_queue_depth", "Images waiting in a model version's queue.", ["model", "version"], registry=r)
+        self.queue_depth = Gauge(
+            "kos_queue_depth", "Images waiting in a model version's queue.", ["model", "version"], registry=r
+        )
         self.batch_failures = Counter("kos_batch_failures", "Batches whose inference raised.", ["model"], registry=r)
-        self.expired = Counter("kos_deadline_expired_images", "Images dropped unrun because their deadline passed.", ["model"], registry=r)
+        self.expired = Counter(
+            "kos_deadline_expired_images", "Images dropped unrun because their deadline passed.", ["model"], registry=r
+        )
         self.model_loads = Counter("kos_model_loads", "Model version loads, by outcome.", ["model", "outcome"], registry=r)
 
     def render(self) -> bytes:

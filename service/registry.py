@@ -17,16 +17,9 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from .artifact import (
-    INPUT_NAME,
-    OUTPUT_NAME,
-    PRECISION_FILENAMES,
-    ModelMetadata,
-    list_models,
-    model_path,
-    repository_problems,
-    served_file,
-)
+from kos_core.artifact import INPUT_NAME, OUTPUT_NAME, PRECISION_FILENAMES, ModelMetadata
+from kos_core.layout import list_models, model_path, repository_problems, served_file
+
 from .batcher import Batcher
 from .errors import ModelNotFound, ModelNotReady
 from .metrics import Metrics
@@ -96,7 +89,9 @@ def check_signature(session: ort.InferenceSession, metadata: ModelMetadata) -> N
     if image.type != "tensor(uint8)":
         raise ValueError(f"input {INPUT_NAME!r} must be uint8, not {image.type}")
     if len(image.shape) != 4 or tuple(image.shape[1:]) != metadata.input_shape:
-        raise ValueError(f"input shape {image.shape} does not match the metadata's [batch, {metadata.height}, {metadata.width}, {metadata.channels}]")
+        raise ValueError(
+            f"input shape {image.shape} does not match the metadata's [batch, {metadata.height}, {metadata.width}, {metadata.channels}]"
+        )
     if isinstance(image.shape[0], int):
         raise ValueError(f"input {INPUT_NAME!r} has a fixed batch size {image.shape[0]}; the batcher needs a dynamic one")
     classes = outputs[OUTPUT_NAME].shape[-1]
@@ -123,7 +118,10 @@ def attach_lone_session(served: ServedModel, settings: Settings, device: Device)
         served.lone_session = None
         log.warning(
             "%s v%d: no lone-request session (%s: %s); lone requests run on the batch session",
-            served.name, served.version, type(exc).__name__, exc,
+            served.name,
+            served.version,
+            type(exc).__name__,
+            exc,
         )
 
 
@@ -188,7 +186,9 @@ class Registry:
         served = load_model(name, version, path, self.settings, self.device)
         fallback = model_path(repository, name, version)
         if served.state == "failed" and path != fallback and fallback.is_file():
-            log.warning("%s v%d: the %s variant failed to load (%s); serving %s", name, version, precision, served.error, fallback.name)
+            log.warning(
+                "%s v%d: the %s variant failed to load (%s); serving %s", name, version, precision, served.error, fallback.name
+            )
             served = load_model(name, version, fallback, self.settings, self.device)
         served.fingerprint = fp
         self.metrics.model_loads.labels(name, served.state).inc()
@@ -280,11 +280,7 @@ class Registry:
     def _scan(self) -> dict[tuple[str, int], Fingerprint | None]:
         repository = self.settings.repository
         self._report_problems()
-        return {
-            (name, v): self._fingerprint(name, v)
-            for name, versions in list_models(repository).items()
-            for v in versions
-        }
+        return {(name, v): self._fingerprint(name, v) for name, versions in list_models(repository).items() for v in versions}
 
     async def watch(self, interval_s: float) -> None:
         """Refresh every `interval_s` seconds until cancelled; a failed scan is logged and retried."""

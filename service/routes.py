@@ -122,7 +122,9 @@ async def predict_route(
     "/health",
     response_model=HealthResponse,
     summary="Ready when every model has a version loaded and warmed",
-    responses={503: {"model": HealthResponse, "description": "A model has no ready version (loading or failed), or none is served."}},
+    responses={
+        503: {"model": HealthResponse, "description": "A model has no ready version (loading or failed), or none is served."}
+    },
 )
 async def health(request: Request) -> JSONResponse:
     registry = _registry(request)
@@ -161,7 +163,9 @@ async def list_models(request: Request) -> ModelsResponse:
     summary="The versions of one model",
     responses=error_responses(Unauthorized, ModelNotFound),
 )
-async def get_model(request: Request, model: Annotated[str, Path(description="Served model name.", examples=["digits"])]) -> ModelsResponse:
+async def get_model(
+    request: Request, model: Annotated[str, Path(description="Served model name.", examples=["digits"])]
+) -> ModelsResponse:
     return ModelsResponse(models=[_info(m) for m in _registry(request).versions(model)])
 
 
@@ -169,7 +173,7 @@ async def get_model(request: Request, model: Annotated[str, Path(description="Se
     "/metrics",
     summary="Prometheus metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE: {"example": "kos_requests_total{model=\"digits\",status=\"200\"} 42.0"}}}},
+    responses={200: {"content": {CONTENT_TYPE: {"example": 'kos_requests_total{model="digits",status="200"} 42.0'}}}},
 )
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

@@ -32,14 +32,14 @@ class ModelHealth(BaseModel):
     name: str
     version: int
     state: Literal["loading", "ready", "failed"]
-    providers: list[str] = Field(description="Execution providers the session really runs on.", examples=[["CPUExecutionProvider"]])
+    providers: list[str] = Field(
+        description="Execution providers the session really runs on.", examples=[["CPUExecutionProvider"]]
+    )
     error: str | None = None
 
 
 class DeviceInfo(BaseModel):
-    providers: list[str] = Field(
-        description="Providers every session is created with.", examples=[["CPUExecutionProvider"]]
-    )
+    providers: list[str] = Field(description="Providers every session is created with.", examples=[["CPUExecutionProvider"]])
     reason: str = Field(description="Why this device was chosen.", examples=["device=auto: serving on CPU because ..."])
 
 

@@ -39,11 +39,14 @@ class Settings(BaseSettings):
         50 * 1024 * 1024, ge=1, description="Largest request body, counted while it is read; beyond it the request gets 413."
     )
     max_files_per_request: int = Field(64, ge=1, description="Most image parts one request may carry.")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest image (width x height) decoded; checked before decoding.")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest image (width x height) decoded; checked before decoding."
+    )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session (0: onnxruntime decides).")
     inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads per session (0: onnxruntime decides).")
     intra_op_spinning: bool = Field(
-        False, description="Let onnxruntime's threads spin between runs: quicker back-to-back runs, but CPU taken from decoding and HTTP."
+        False,
+        description="Let onnxruntime's threads spin between runs: quicker back-to-back runs, but CPU taken from decoding and HTTP.",
     )
     inference_workers: int = Field(1, ge=1, le=64, description="Batches one model version runs at the same time.")
     lone_request_threads: int = Field(
@@ -67,7 +70,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per line.")
 
     @model_validator(mode="after")
-    def _a_full_request_fits_the_queue(self) -> "Settings":
+    def _a_full_request_fits_the_queue(self) -> Settings:
         # A request is queued whole or not at all, so one that can never fit would get 503 forever.
         if self.max_files_per_request > self.queue_size:
             raise ValueError(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from service.artifact import ModelMetadata, list_models, model_path
+from kos_core.artifact import ModelMetadata
+from kos_core.layout import list_models, model_path
 from tests.conftest import onnx_predict
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
-from service.artifact import list_versions, model_path
+from kos_core.layout import list_versions, model_path
 from service.settings import Settings
 from tests.conftest import onnx_predict
 from tests.containers.base_image import base_image
@@ -79,8 +79,12 @@ def test_every_hadolint_ignore_is_justified_by_the_comment_above_it(dockerfile):
     for number, line in enumerate(lines):
         if "hadolint ignore" in line:
             above = lines[number - 1].strip() if number else ""
-            assert above.startswith("#") and "hadolint" not in above, f"{dockerfile.name}:{number + 1} ignores a rule without saying why"
-    assert not (ROOT / ".hadolint.yaml").exists() and not (ROOT / ".hadolint.yml").exists(), "rules are ignored inline, with reasons"
+            assert above.startswith("#") and "hadolint" not in above, (
+                f"{dockerfile.name}:{number + 1} ignores a rule without saying why"
+            )
+    assert not (ROOT / ".hadolint.yaml").exists() and not (ROOT / ".hadolint.yml").exists(), (
+        "rules are ignored inline, with reasons"
+    )
 
 
 def test_dockerfiles_take_the_base_image_as_a_build_argument_defaulting_to_official_python_slim():
@@ -99,7 +103,7 @@ def test_requirements_give_the_cpu_image_plain_onnxruntime_and_the_gpu_image_its
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    names = lambda reqs: {re.split(r"[\[<>=~!; ]", r, 1)[0].lower() for r in reqs}  # noqa: E731
+    names = lambda reqs: {re.split(r"[\[<>=~!; ]", r, maxsplit=1)[0].lower() for r in reqs}  # noqa: E731
 
     serve_gpu = requirements.requirements(project, "serve", "gpu")
     serve_cpu = requirements.requirements(project, "serve", "cpu")
@@ -163,7 +167,7 @@ def test_compose_settings_are_service_settings_with_valid_defaults():
             field = variable.removeprefix("KOS_").lower()
             assert field in fields, f"{name}: {variable} is not a setting of python -m service"
             assert field not in ("host", "port", "repository"), f"{name}: {variable} is fixed by the image"
-            default = re.fullmatch(r"\$\{%s:-(.*)\}" % variable, str(value))
+            default = re.fullmatch(r"\$\{" + re.escape(variable) + r":-(.*)\}", str(value))
             values[field] = default.group(1) if default else str(value)
         Settings(**values)  # every default is one the service accepts
 
@@ -267,7 +271,7 @@ def wait_until_ready(engine: Engine, container: str, url: str, timeout: float = 
         wait_for(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, timeout, what=f"{url}/health answering 200")
     except TimeoutError:
         logs = engine("logs", container, check=False)
-        raise AssertionError(f"the service never became ready; its log:\n{logs.stdout[-4000:]}{logs.stderr[-4000:]}")
+        raise AssertionError(f"the service never became ready; its log:\n{logs.stdout[-4000:]}{logs.stderr[-4000:]}") from None
 
 
 def inspect(engine: Engine, kind: str, name: str) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 
-from service.artifact import model_path
+from kos_core.layout import model_path
 from tests.conftest import onnx_predict
 
 
@@ -13,7 +13,9 @@ def _upload(paths):
     return [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
 
 
-def test_server_labels_every_held_out_digit_png_like_the_model_does(bundled_server, digit_pngs, digits_test_split, bundled_repository):
+def test_server_labels_every_held_out_digit_png_like_the_model_does(
+    bundled_server, digit_pngs, digits_test_split, bundled_repository
+):
     expected = onnx_predict(model_path(bundled_repository, "digits", 1), digits_test_split.x).argmax(1)
     got = []
     for start in range(0, len(digit_pngs), 50):

@@ -7,7 +7,7 @@ import sys
 
 import httpx
 
-from service.artifact import list_versions
+from kos_core.layout import list_versions
 from tests.conftest import ROOT
 
 
@@ -17,7 +17,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_a_run_trained_and_exported_by_the_cli_is_served(tmp_path, start_server, digit_pngs):
     run_dir, repository = tmp_path / "run", tmp_path / "models"
-    trained = _run("-m", "training", "train", "--model", "digits_cnn", "--dataset", "digits", "--epochs", "3", "--run-dir", str(run_dir))
+    trained = _run(
+        "-m", "training", "train", "--model", "digits_cnn", "--dataset", "digits", "--epochs", "3", "--run-dir", str(run_dir)
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     exported = _run("-m", "export", str(run_dir), "--name", "tiny", "--repository", str(repository))
     assert exported.returncode == 0, exported.stderr[-3000:]
@@ -33,7 +35,9 @@ def test_a_run_trained_and_exported_by_the_cli_is_served(tmp_path, start_server,
     r = httpx.post(f"{server.url}/predict/tiny", files=[("files", (png.name, png.read_bytes(), "image/png"))], timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["version"] == 2
-    r = httpx.post(f"{server.url}/predict/tiny?version=1", files=[("files", (png.name, png.read_bytes(), "image/png"))], timeout=30)
+    r = httpx.post(
+        f"{server.url}/predict/tiny?version=1", files=[("files", (png.name, png.read_bytes(), "image/png"))], timeout=30
+    )
     assert r.json()["version"] == 1
 
 

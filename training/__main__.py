@@ -20,7 +20,7 @@ MODEL_NAMES = (
 
 
 def image_size(text: str) -> tuple[int, int]:
-    """"64" or "64x48" (height x width) to (64, 64) or (64, 48)."""
+    """ "64" or "64x48" (height x width) to (64, 64) or (64, 48)."""
     parts = text.lower().replace("×", "x").split("x")
     try:
         size = tuple(int(p) for p in parts)
@@ -37,72 +37,160 @@ def _add_train_arguments(train: argparse.ArgumentParser, defaults: TrainConfig) 
     what = train.add_argument_group("model and data")
     what.add_argument("--model", default=defaults.model, help=f"model from the zoo: {MODEL_NAMES} (default: %(default)s)")
     what.add_argument(
-        "--dataset", default=defaults.dataset,
+        "--dataset",
+        default=defaults.dataset,
         help="digits (scikit-learn, offline), mnist, fashion_mnist, cifar10, cifar100 (keras.datasets, downloaded once), "
         "or the path of an image folder with one sub-folder per class (default: %(default)s)",
     )
-    what.add_argument("--image-size", type=image_size, metavar="HxW",
-                      help="resize images to HxW (bilinear, as the service does); default: the data set's own size, "
-                      "or the model's natural input for an image folder (224 for most transfer models)")
-    what.add_argument("--color-mode", choices=("grayscale", "rgb"),
-                      help="decode images as greyscale or RGB; default: the data set's own, or the model's for a folder")
-    what.add_argument("--validation-split", type=float, dest="validation", metavar="FRACTION",
-                      help="share held out for validation, stratified (default: 0.15; 0.1 of the training set for keras.datasets)")
-    what.add_argument("--test-split", type=float, dest="test", metavar="FRACTION",
-                      help="share held out for the final test, stratified (default: 0.15; keras.datasets keep their official test set)")
+    what.add_argument(
+        "--image-size",
+        type=image_size,
+        metavar="HxW",
+        help="resize images to HxW (bilinear, as the service does); default: the data set's own size, "
+        "or the model's natural input for an image folder (224 for most transfer models)",
+    )
+    what.add_argument(
+        "--color-mode",
+        choices=("grayscale", "rgb"),
+        help="decode images as greyscale or RGB; default: the data set's own, or the model's for a folder",
+    )
+    what.add_argument(
+        "--validation-split",
+        type=float,
+        dest="validation",
+        metavar="FRACTION",
+        help="share held out for validation, stratified (default: 0.15; 0.1 of the training set for keras.datasets)",
+    )
+    what.add_argument(
+        "--test-split",
+        type=float,
+        dest="test",
+        metavar="FRACTION",
+        help="share held out for the final test, stratified (default: 0.15; keras.datasets keep their official test set)",
+    )
 
     fit = train.add_argument_group("optimisation")
-    fit.add_argument("--epochs", type=int, default=defaults.epochs, help="most epochs; early stopping may end sooner (default: %(default)s)")
+    fit.add_argument(
+        "--epochs", type=int, default=defaults.epochs, help="most epochs; early stopping may end sooner (default: %(default)s)"
+    )
     fit.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step (default: %(default)s)")
-    fit.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,
-                     help="adam, sgd (with Nesterov momentum) or rmsprop (default: %(default)s)")
-    fit.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="initial learning rate (default: %(default)s)")
-    fit.add_argument("--momentum", type=float, default=defaults.momentum, help="momentum of sgd and rmsprop (default: %(default)s)")
-    fit.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="label smoothing of the loss (default: %(default)s)")
-    fit.add_argument("--monitor", choices=("val_loss", "val_accuracy", "val_auc"), default=defaults.monitor,
-                     help="validation metric watched by early stopping, the learning-rate schedule and the checkpoint (default: %(default)s)")
-    fit.add_argument("--patience", type=int, default=defaults.patience,
-                     help="early stopping: epochs without improvement before stopping; the best weights are restored (default: %(default)s)")
-    fit.add_argument("--lr-patience", type=int, default=defaults.lr_patience,
-                     help="ReduceLROnPlateau: epochs without improvement before the learning rate drops (default: %(default)s)")
-    fit.add_argument("--lr-factor", type=float, default=defaults.lr_factor, help="ReduceLROnPlateau: factor of each drop (default: %(default)s)")
-    fit.add_argument("--min-lr", type=float, default=defaults.min_lr, help="ReduceLROnPlateau: lowest learning rate (default: %(default)s)")
-    fit.add_argument("--seed", type=int, default=defaults.seed, help="seed for splits, weights, shuffling and augmentation (default: %(default)s)")
-    fit.add_argument("--nondeterministic", action="store_true",
-                     help="allow TensorFlow's non-deterministic ops: a little faster on a GPU, but a rerun differs slightly "
-                     "(default: deterministic, the same command trains the same model)")
+    fit.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=defaults.optimizer,
+        help="adam, sgd (with Nesterov momentum) or rmsprop (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--learning-rate", type=float, default=defaults.learning_rate, help="initial learning rate (default: %(default)s)"
+    )
+    fit.add_argument(
+        "--momentum", type=float, default=defaults.momentum, help="momentum of sgd and rmsprop (default: %(default)s)"
+    )
+    fit.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=defaults.label_smoothing,
+        help="label smoothing of the loss (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--monitor",
+        choices=("val_loss", "val_accuracy", "val_auc"),
+        default=defaults.monitor,
+        help="validation metric watched by early stopping, the learning-rate schedule and the checkpoint (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--patience",
+        type=int,
+        default=defaults.patience,
+        help="early stopping: epochs without improvement before stopping; the best weights are restored (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--lr-patience",
+        type=int,
+        default=defaults.lr_patience,
+        help="ReduceLROnPlateau: epochs without improvement before the learning rate drops (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--lr-factor",
+        type=float,
+        default=defaults.lr_factor,
+        help="ReduceLROnPlateau: factor of each drop (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--min-lr", type=float, default=defaults.min_lr, help="ReduceLROnPlateau: lowest learning rate (default: %(default)s)"
+    )
+    fit.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seed for splits, weights, shuffling and augmentation (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--nondeterministic",
+        action="store_true",
+        help="allow TensorFlow's non-deterministic ops: a little faster on a GPU, but a rerun differs slightly "
+        "(default: deterministic, the same command trains the same model)",
+    )
 
     aug = train.add_argument_group("augmentation (training batches only; never part of the saved model)")
-    aug.add_argument("--shift", type=float, default=0.0, help="random shifts up to this fraction of height and width, e.g. 0.1 (default: off)")
-    aug.add_argument("--rotation", type=float, default=0.0, help="random rotations up to this many degrees, e.g. 20 (default: off)")
+    aug.add_argument(
+        "--shift", type=float, default=0.0, help="random shifts up to this fraction of height and width, e.g. 0.1 (default: off)"
+    )
+    aug.add_argument(
+        "--rotation", type=float, default=0.0, help="random rotations up to this many degrees, e.g. 20 (default: off)"
+    )
     aug.add_argument("--zoom", type=float, default=0.0, help="random zoom in or out up to this fraction, e.g. 0.1 (default: off)")
     aug.add_argument("--flip", choices=FLIPS, default="none", help="random flips (default: %(default)s)")
     aug.add_argument("--contrast", type=float, default=0.0, help="random contrast change up to this fraction (default: off)")
 
     transfer = train.add_argument_group("transfer learning (keras.applications backbones)")
-    transfer.add_argument("--weights", choices=("imagenet", "none"), default=defaults.weights,
-                          help="start from ImageNet weights (downloaded once into ~/.keras/models) or from random weights "
-                          "with `none`, which needs no internet (default: %(default)s)")
-    transfer.add_argument("--dropout", type=float, default=defaults.dropout, help="dropout before the new softmax head (default: %(default)s)")
-    transfer.add_argument("--fine-tune-epochs", type=int, default=defaults.fine_tune_epochs,
-                          help="phase 2: epochs with the top of the base unfrozen, after phase 1 trained the head on the "
-                          "frozen base for --epochs; 0 trains the head only (default: %(default)s)")
-    transfer.add_argument("--fine-tune-layers", type=int, default=defaults.fine_tune_layers,
-                          help="phase 2: how many top layers of the base to unfreeze; batch norm stays frozen (default: %(default)s)")
-    transfer.add_argument("--fine-tune-learning-rate", type=float,
-                          help="phase 2 learning rate (default: a tenth of --learning-rate)")
+    transfer.add_argument(
+        "--weights",
+        choices=("imagenet", "none"),
+        default=defaults.weights,
+        help="start from ImageNet weights (downloaded once into ~/.keras/models) or from random weights "
+        "with `none`, which needs no internet (default: %(default)s)",
+    )
+    transfer.add_argument(
+        "--dropout", type=float, default=defaults.dropout, help="dropout before the new softmax head (default: %(default)s)"
+    )
+    transfer.add_argument(
+        "--fine-tune-epochs",
+        type=int,
+        default=defaults.fine_tune_epochs,
+        help="phase 2: epochs with the top of the base unfrozen, after phase 1 trained the head on the "
+        "frozen base for --epochs; 0 trains the head only (default: %(default)s)",
+    )
+    transfer.add_argument(
+        "--fine-tune-layers",
+        type=int,
+        default=defaults.fine_tune_layers,
+        help="phase 2: how many top layers of the base to unfreeze; batch norm stays frozen (default: %(default)s)",
+    )
+    transfer.add_argument(
+        "--fine-tune-learning-rate", type=float, help="phase 2 learning rate (default: a tenth of --learning-rate)"
+    )
 
     out = train.add_argument_group("the run's records")
-    out.add_argument("--run-dir", type=Path,
-                     help="folder the run writes: model.keras, run.json, test_split.npz, labels.txt, history.csv, "
-                     "checkpoint.keras, curves.png, confusion_matrix.png, classification_report.txt "
-                     "(default: runs/<model>-<dataset>-<UTC time>)")
+    out.add_argument(
+        "--run-dir",
+        type=Path,
+        help="folder the run writes: model.keras, run.json, test_split.npz, labels.txt, history.csv, "
+        "checkpoint.keras, curves.png, confusion_matrix.png, classification_report.txt "
+        "(default: runs/<model>-<dataset>-<UTC time>)",
+    )
     out.add_argument("--overwrite", action="store_true", help="replace the run folder if it already holds a run")
-    out.add_argument("--ledger", type=Path, help="training log the run appends its row to (default: ledger.csv beside the run folder)")
+    out.add_argument(
+        "--ledger", type=Path, help="training log the run appends its row to (default: ledger.csv beside the run folder)"
+    )
     out.add_argument("--note", default="", help="free text for the training log: what this run changed or tries")
-    out.add_argument("--max-test-images", type=int, default=defaults.max_test_images,
-                     help="most held-out test images saved in test_split.npz for export's parity check; all of them are "
-                     "used for the test metrics (default: %(default)s)")
+    out.add_argument(
+        "--max-test-images",
+        type=int,
+        default=defaults.max_test_images,
+        help="most held-out test images saved in test_split.npz for export's parity check; all of them are "
+        "used for the test metrics (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,25 +201,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,log,models,benchmark}")
     train = sub.add_parser(
-        "train", help="train a model and write a run folder",
+        "train",
+        help="train a model and write a run folder",
         description="Train a zoo model on a data set, evaluate it on the held-out test split, write the run folder "
         "and append a row to the training log. Early stopping restores the best weights; the learning rate drops on "
         "plateaus; the best model is checkpointed as training goes.",
     )
     _add_train_arguments(train, defaults)
 
-    evaluate = sub.add_parser("evaluate", help="score a run's model on its test split or on an image folder",
-                              description="Load a run's model.keras and report loss, accuracy, AUC and per-class "
-                              "precision, recall and F1.")
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="score a run's model on its test split or on an image folder",
+        description="Load a run's model.keras and report loss, accuracy, AUC and per-class precision, recall and F1.",
+    )
     evaluate.add_argument("run_dir", type=Path, help="a run folder written by `train`")
-    evaluate.add_argument("--data", type=Path, help="an image folder with one sub-folder per class (named like the run's labels) "
-                          "to score instead of the run's saved test split")
+    evaluate.add_argument(
+        "--data",
+        type=Path,
+        help="an image folder with one sub-folder per class (named like the run's labels) "
+        "to score instead of the run's saved test split",
+    )
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    log = sub.add_parser("log", help="print the training log as a table",
-                         description="Print the training log: one row per run, to compare runs side by side.")
+    log = sub.add_parser(
+        "log",
+        help="print the training log as a table",
+        description="Print the training log: one row per run, to compare runs side by side.",
+    )
     log.add_argument("--ledger", type=Path, default=Path("runs") / "ledger.csv", help="the training log (default: %(default)s)")
-    log.add_argument("--columns", help="comma-separated columns to show (default: the main settings and test metrics); `all` shows every column")
+    log.add_argument(
+        "--columns",
+        help="comma-separated columns to show (default: the main settings and test metrics); `all` shows every column",
+    )
     log.add_argument("--sort", help="sort by this column, best first (lowest for losses and seconds, highest otherwise)")
     log.add_argument("--last", type=int, help="only the last N runs")
     log.add_argument("--model", help="only runs of this model")
@@ -140,30 +241,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the model zoo and the built-in data sets")
 
-    bench = sub.add_parser("benchmark", help="time training epochs on generated images",
-                           description="Time training epochs of a zoo model on random uint8 images (no download, "
-                           "random weights) and print seconds and images per second for each epoch.")
+    bench = sub.add_parser(
+        "benchmark",
+        help="time training epochs on generated images",
+        description="Time training epochs of a zoo model on random uint8 images (no download, "
+        "random weights) and print seconds and images per second for each epoch.",
+    )
     bench.add_argument("--model", default="cifar10_cnn", help="zoo model (default: %(default)s)")
     bench.add_argument("--images", type=int, default=5000, help="images per epoch (default: %(default)s)")
     bench.add_argument("--image-size", type=image_size, default=(32, 32), metavar="HxW", help="(default: 32x32)")
     bench.add_argument("--color-mode", choices=("grayscale", "rgb"), default="rgb", help="(default: %(default)s)")
     bench.add_argument("--classes", type=int, default=10, help="(default: %(default)s)")
     bench.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
-    bench.add_argument("--epochs", type=int, default=2, help="epochs to time; the first includes graph tracing (default: %(default)s)")
+    bench.add_argument(
+        "--epochs", type=int, default=2, help="epochs to time; the first includes graph tracing (default: %(default)s)"
+    )
     return parser
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        model=args.model, dataset=args.dataset, image_size=args.image_size, color_mode=args.color_mode,
-        validation=args.validation, test=args.test, epochs=args.epochs, batch_size=args.batch_size,
-        optimizer=args.optimizer, learning_rate=args.learning_rate, momentum=args.momentum,
-        label_smoothing=args.label_smoothing, monitor=args.monitor, patience=args.patience,
-        lr_patience=args.lr_patience, lr_factor=args.lr_factor, min_lr=args.min_lr,
-        augmentation=Augmentation(shift=args.shift, rotation=args.rotation, zoom=args.zoom, flip=args.flip, contrast=args.contrast),
-        weights=args.weights, dropout=args.dropout, fine_tune_epochs=args.fine_tune_epochs,
-        fine_tune_layers=args.fine_tune_layers, fine_tune_learning_rate=args.fine_tune_learning_rate,
-        seed=args.seed, deterministic=not args.nondeterministic, note=args.note, max_test_images=args.max_test_images,
+        model=args.model,
+        dataset=args.dataset,
+        image_size=args.image_size,
+        color_mode=args.color_mode,
+        validation=args.validation,
+        test=args.test,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        learning_rate=args.learning_rate,
+        momentum=args.momentum,
+        label_smoothing=args.label_smoothing,
+        monitor=args.monitor,
+        patience=args.patience,
+        lr_patience=args.lr_patience,
+        lr_factor=args.lr_factor,
+        min_lr=args.min_lr,
+        augmentation=Augmentation(
+            shift=args.shift, rotation=args.rotation, zoom=args.zoom, flip=args.flip, contrast=args.contrast
+        ),
+        weights=args.weights,
+        dropout=args.dropout,
+        fine_tune_epochs=args.fine_tune_epochs,
+        fine_tune_layers=args.fine_tune_layers,
+        fine_tune_learning_rate=args.fine_tune_learning_rate,
+        seed=args.seed,
+        deterministic=not args.nondeterministic,
+        note=args.note,
+        max_test_images=args.max_test_images,
     )
 
 
@@ -211,8 +337,10 @@ def main(argv: list[str] | None = None) -> None:
             run_dir = args.run_dir or default_run_dir(config)
             record = train(config, run_dir, ledger=args.ledger, overwrite=args.overwrite)
             metrics = record["metrics"]
-            print(f"run {run_dir}: test accuracy {metrics['test_accuracy']:.4f}, AUC {metrics['test_auc']:.4f} "
-                  f"after {record['epochs_run']} epochs ({record['seconds']} s)")
+            print(
+                f"run {run_dir}: test accuracy {metrics['test_accuracy']:.4f}, AUC {metrics['test_auc']:.4f} "
+                f"after {record['epochs_run']} epochs ({record['seconds']} s)"
+            )
         elif args.command == "evaluate":
             from .train import evaluate
 
@@ -230,11 +358,14 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "benchmark":
             from .train import benchmark
 
-            seconds = benchmark(args.model, args.images, args.image_size, args.color_mode, args.classes,
-                                args.batch_size, args.epochs)
+            seconds = benchmark(
+                args.model, args.images, args.image_size, args.color_mode, args.classes, args.batch_size, args.epochs
+            )
             for epoch, s in enumerate(seconds, start=1):
-                print(f"epoch {epoch}: {s:.2f} s, {args.images / s:.0f} images/s "
-                      f"({args.model}, {args.images} images of {args.image_size[0]}x{args.image_size[1]}, batch {args.batch_size})")
+                print(
+                    f"epoch {epoch}: {s:.2f} s, {args.images / s:.0f} images/s "
+                    f"({args.model}, {args.images} images of {args.image_size[0]}x{args.image_size[1]}, batch {args.batch_size})"
+                )
     except TrainingError as exc:
         sys.exit(f"error: {exc}")
 

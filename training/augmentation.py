@@ -7,8 +7,9 @@ kind of input the model takes in serving.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .errors import TrainingError
 
@@ -51,7 +52,7 @@ class Augmentation:
         return ", ".join(parts)
 
 
-def augmenter(augmentation: Augmentation, seed: int) -> "Callable[[tf.Tensor], tf.Tensor] | None":
+def augmenter(augmentation: Augmentation, seed: int) -> Callable[[tf.Tensor], tf.Tensor] | None:
     """A function from a uint8 image batch to a randomly transformed uint8 batch, or None when nothing varies."""
     if not augmentation.enabled:
         return None
@@ -72,7 +73,7 @@ def augmenter(augmentation: Augmentation, seed: int) -> "Callable[[tf.Tensor], t
         steps.append(layers.RandomContrast(augmentation.contrast, seed=seed + 4))
     block = keras.Sequential(steps, name="augmentation")
 
-    def apply(images: "tf.Tensor") -> "tf.Tensor":
+    def apply(images: tf.Tensor) -> tf.Tensor:
         out = block(tf.cast(images, tf.float32), training=True)
         return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 

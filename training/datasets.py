@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+
+from kos_core.artifact import InputSpec
+from kos_core.errors import ImageFolderError
+from kos_core.imaging import convert_array
 
 from .errors import TrainingError
 
@@ -38,9 +42,7 @@ class Dataset:
         return {"train": len(self.train.y), "validation": len(self.validation.y), "test": len(self.test.y)}
 
 
-def stratified_split(
-    x: np.ndarray, y: np.ndarray, validation: float, test: float, seed: int
-) -> tuple[Split, Split, Split]:
+def stratified_split(x: np.ndarray, y: np.ndarray, validation: float, test: float, seed: int) -> tuple[Split, Split, Split]:
     """Reproducible stratified train / validation / test split."""
     from sklearn.model_selection import train_test_split
 
@@ -90,9 +92,7 @@ def load_digits(seed: int = 0, validation: float = 0.15, test: float = 0.15, **_
     x = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     y = digits.target.astype(np.int64)
     train, val, test_split = stratified_split(x, y, validation, test, seed)
-    return Dataset(
-        "digits", [str(i) for i in range(10)], train, val, test_split, color_mode="grayscale", source="scikit-learn"
-    )
+    return Dataset("digits", [str(i) for i in range(10)], train, val, test_split, color_mode="grayscale", source="scikit-learn")
 
 
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -110,7 +110,7 @@ def _keras_dataset(name: str, labels: list[str], color_mode: str, fetch: Callabl
     def load(seed: int = 0, validation: float = 0.1, **_: object) -> Dataset:
         try:
             (x_train, y_train), (x_test, y_test) = fetch()
-        except Exception as exc:  # noqa: BLE001 - keras raises a bare Exception when the download fails
+        except Exception as exc:
             raise TrainingError(
                 f"could not load {name} through keras.datasets ({exc}); it downloads once into ~/.keras/datasets. "
                 "Without internet, train on `--dataset digits` or on an image folder (`--dataset path/to/folder`)"
@@ -124,7 +124,12 @@ def _keras_dataset(name: str, labels: list[str], color_mode: str, fetch: Callabl
             raise TrainingError(f"the validation fraction must lie between 0 and 1, not {validation}")
         x_tr, x_val, y_tr, y_val = train_test_split(x_train, y_train, test_size=validation, stratify=y_train, random_state=seed)
         return Dataset(
-            name, labels, Split(x_tr, y_tr), Split(x_val, y_val), Split(x_test, y_test), color_mode=color_mode,
+            name,
+            labels,
+            Split(x_tr, y_tr),
+            Split(x_val, y_val),
+            Split(x_test, y_test),
+            color_mode=color_mode,
             source=f"keras.datasets.{name}",
         )
 
@@ -172,15 +177,32 @@ def load_image_folder(
     **_: object,
 ) -> Dataset:
     """An image folder with one sub-folder per class, split stratified and reproducibly by `seed`."""
-    from .imagefolder import load_folder
+    from kos_core.imagefolder import list_class_folders, load_folder
 
     _check_fractions(validation, test)
-    images = load_folder(Path(root), image_size, color_mode, progress=progress)
+    spec = InputSpec(int(image_size[0]), int(image_size[1]), color_mode)  # type: ignore[arg-type]
+    bar = None
+    if progress:
+        try:
+            count = sum(len(files) for files in list_class_folders(Path(root)).values())
+        except ImageFolderError as exc:
+            raise TrainingError(str(exc)) from None
+        bar = progress_bar(count, f"decoding {count} images from {root}")
+    try:
+        images = load_folder(Path(root), spec, progress=bar.add if bar is not None else None)
+    except ImageFolderError as exc:
+        raise TrainingError(str(exc)) from None
     _check_class_sizes(images.y, _least_per_class(validation, test), images.labels)
     train, val, test_split = stratified_split(images.x, images.y, validation, test, seed)
     return Dataset(
-        Path(root).resolve().name, images.labels, train, val, test_split, color_mode=color_mode,
-        source=str(Path(root).resolve()), skipped=images.skipped,
+        Path(root).resolve().name,
+        images.labels,
+        train,
+        val,
+        test_split,
+        color_mode=color_mode,
+        source=str(Path(root).resolve()),
+        skipped=images.skipped,
     )
 
 
@@ -214,7 +236,9 @@ def load_dataset(
             raise TrainingError("an image folder needs an image size (`--image-size HxW`)")
         return load_image_folder(Path(name), image_size, color_mode or "rgb", seed=seed, progress=progress, **fractions)
     if name not in LOADERS:
-        raise TrainingError(f"unknown data set {name!r}; choose one of {', '.join(sorted(LOADERS))}, or give a path to an image folder")
+        raise TrainingError(
+            f"unknown data set {name!r}; choose one of {', '.join(sorted(LOADERS))}, or give a path to an image folder"
+        )
     data = LOADERS[name](seed=seed, **fractions)
     return _adapt(data, image_size, color_mode)
 
@@ -226,22 +250,20 @@ def _adapt(data: Dataset, image_size: tuple[int, int] | None, color_mode: str | 
     image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
     if image_size in (None, (height, width)) and target_mode == data.color_mode:
         return data
-    from PIL import Image
-
     size = image_size or (height, width)
-
-    def convert(x: np.ndarray) -> np.ndarray:
-        out = []
-        for image in x:
-            pil = Image.fromarray(image[:, :, 0] if channels == 1 else image, mode="L" if channels == 1 else "RGB")
-            pil = pil.convert("L" if target_mode == "grayscale" else "RGB")
-            if pil.size != (size[1], size[0]):
-                pil = pil.resize((size[1], size[0]), resample=Image.Resampling.BILINEAR)
-            array = np.asarray(pil, dtype=np.uint8)
-            out.append(array[:, :, None] if array.ndim == 2 else array)
-        return np.stack(out)
-
+    # The same conversion and resize as decoded files get, so serving sees what training saw.
+    spec = InputSpec(size[0], size[1], target_mode, data.resize_method)  # type: ignore[arg-type]
     for split in (data.train, data.validation, data.test):
-        split.x = convert(split.x)
+        split.x = convert_array(split.x, spec)
     data.color_mode = target_mode
     return data
+
+
+def progress_bar(total: int, title: str):
+    """A Keras progress bar on a terminal; in logs and CI, a single line at the end."""
+    import sys
+
+    from keras.utils import Progbar
+
+    print(title, file=sys.stderr)
+    return Progbar(total, unit_name="image", verbose=1 if sys.stdout.isatty() else 2)

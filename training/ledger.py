@@ -38,8 +38,21 @@ COLUMNS = [
 
 # What `log` shows unless asked for other columns: wide enough to compare, narrow enough for a terminal.
 DEFAULT_VIEW = [
-    "finished", "run", "model", "dataset", "split", "image_size", "batch_size", "epochs", "optimizer",
-    "learning_rate", "augmentation", "note", "test_accuracy", "test_auc", "test_loss",
+    "finished",
+    "run",
+    "model",
+    "dataset",
+    "split",
+    "image_size",
+    "batch_size",
+    "epochs",
+    "optimizer",
+    "learning_rate",
+    "augmentation",
+    "note",
+    "test_accuracy",
+    "test_auc",
+    "test_loss",
 ]
 
 
@@ -83,6 +96,7 @@ def read(ledger: Path) -> list[dict[str, str]]:
 
 def format_table(rows: list[dict[str, str]], columns: list[str], markdown: bool = False, max_width: int = 40) -> str:
     """Rows as an aligned plain-text (or Markdown) table; long cells are cut with an ellipsis."""
+
     def cut(text: str) -> str:
         return text if len(text) <= max_width else text[: max_width - 1] + "…"
 
@@ -94,8 +108,11 @@ def format_table(rows: list[dict[str, str]], columns: list[str], markdown: bool 
         padded = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
         return ("| " + " | ".join(padded) + " |") if markdown else "  ".join(padded).rstrip()
 
-    rule = ("|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric)) + "|") if markdown \
+    rule = (
+        ("|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric)) + "|")
+        if markdown
         else "  ".join("-" * w for w in widths)
+    )
     return "\n".join([line(columns), rule, *(line(r) for r in cells)])
 
 
@@ -107,7 +124,9 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def select(rows: list[dict[str, str]], sort: str | None = None, last: int | None = None, where: dict[str, str] | None = None) -> list[dict[str, str]]:
+def select(
+    rows: list[dict[str, str]], sort: str | None = None, last: int | None = None, where: dict[str, str] | None = None
+) -> list[dict[str, str]]:
     """Filter rows by exact column values, sort them (best first for metrics), keep the last N."""
     for key, value in (where or {}).items():
         rows = [r for r in rows if r.get(key) == value]

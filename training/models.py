@@ -7,8 +7,9 @@ converts as it is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .errors import TrainingError
 
@@ -21,13 +22,13 @@ TORCH_MEAN = (0.485, 0.456, 0.406)
 TORCH_STD = (0.229, 0.224, 0.225)
 
 
-def image_input(input_shape: tuple[int, int, int]) -> "keras.KerasTensor":
+def image_input(input_shape: tuple[int, int, int]) -> keras.KerasTensor:
     import keras
 
     return keras.Input(shape=input_shape, dtype="uint8", name="image")
 
 
-def digits_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: object) -> "keras.Model":
+def digits_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: object) -> keras.Model:
     """A small CNN for 8x8 greyscale digits: two conv layers, batch norm, dropout."""
     import keras
     from keras import layers
@@ -47,7 +48,7 @@ def digits_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: object)
     return keras.Model(inputs, outputs, name="digits_cnn")
 
 
-def mnist_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: object) -> "keras.Model":
+def mnist_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: object) -> keras.Model:
     """The classic MNIST network: Conv2D 32 → Conv2D 64 → MaxPooling → Dropout → Dense 128 → Dropout → softmax."""
     import keras
     from keras import layers
@@ -65,7 +66,7 @@ def mnist_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: object) 
     return keras.Model(inputs, outputs, name="mnist_cnn")
 
 
-def _cifar_features(inputs: "keras.KerasTensor", l2: float) -> "keras.KerasTensor":
+def _cifar_features(inputs: keras.KerasTensor, l2: float) -> keras.KerasTensor:
     """Three blocks of two 3x3 convolutions (32, 64, 128 filters), each with batch norm, then pooling and dropout."""
     from keras import layers, regularizers
 
@@ -73,7 +74,11 @@ def _cifar_features(inputs: "keras.KerasTensor", l2: float) -> "keras.KerasTenso
     for block, (filters, dropout) in enumerate(((32, 0.2), (64, 0.3), (128, 0.4)), start=1):
         for conv in (1, 2):
             x = layers.Conv2D(
-                filters, 3, padding="same", activation="relu", kernel_regularizer=regularizers.l2(l2),
+                filters,
+                3,
+                padding="same",
+                activation="relu",
+                kernel_regularizer=regularizers.l2(l2),
                 name=f"block{block}_conv{conv}",
             )(x)
             x = layers.BatchNormalization(name=f"block{block}_bn{conv}")(x)
@@ -82,7 +87,7 @@ def _cifar_features(inputs: "keras.KerasTensor", l2: float) -> "keras.KerasTenso
     return layers.Flatten(name="flatten")(x)
 
 
-def cifar10_cnn(input_shape: tuple[int, int, int], num_classes: int, l2: float = 1e-4, **_: object) -> "keras.Model":
+def cifar10_cnn(input_shape: tuple[int, int, int], num_classes: int, l2: float = 1e-4, **_: object) -> keras.Model:
     """Three conv blocks, Dense 512 with dropout, softmax; L2 on every kernel (1,343,018 weights for 32x32x3, 10 classes)."""
     import keras
     from keras import layers, regularizers
@@ -95,7 +100,7 @@ def cifar10_cnn(input_shape: tuple[int, int, int], num_classes: int, l2: float =
     return keras.Model(inputs, outputs, name="cifar10_cnn")
 
 
-def cifar100_cnn(input_shape: tuple[int, int, int], num_classes: int, l2: float = 1e-4, **_: object) -> "keras.Model":
+def cifar100_cnn(input_shape: tuple[int, int, int], num_classes: int, l2: float = 1e-4, **_: object) -> keras.Model:
     """cifar10_cnn's features, then Dense 1024 → Dense 512 + batch norm → softmax (2,965,124 weights for 100 classes)."""
     import keras
     from keras import layers, regularizers
@@ -138,7 +143,7 @@ BACKBONES: dict[str, Backbone] = {
 BACKBONE_LAYER = "backbone"
 
 
-def preprocessing_layers(mode: str, x: "keras.KerasTensor") -> "keras.KerasTensor":
+def preprocessing_layers(mode: str, x: keras.KerasTensor) -> keras.KerasTensor:
     """keras.applications' `preprocess_input` for `mode`, as built-in layers that save, load and convert to ONNX."""
     import numpy as np
     from keras import layers
@@ -147,7 +152,9 @@ def preprocessing_layers(mode: str, x: "keras.KerasTensor") -> "keras.KerasTenso
         return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess_tf")(x)
     if mode == "torch":
         x = layers.Rescaling(1.0 / 255, name="preprocess_torch_scale")(x)
-        return layers.Normalization(mean=list(TORCH_MEAN), variance=[s * s for s in TORCH_STD], name="preprocess_torch_normalize")(x)
+        return layers.Normalization(
+            mean=list(TORCH_MEAN), variance=[s * s for s in TORCH_STD], name="preprocess_torch_normalize"
+        )(x)
     if mode == "caffe":
         # RGB→BGR and mean subtraction in one fixed 1x1 convolution (a permutation kernel plus a bias),
         # because no built-in layer reorders channels and a Lambda layer would not load safely.
@@ -173,7 +180,7 @@ def transfer_model(
     weights: str | None = "imagenet",
     dropout: float = 0.2,
     **_: object,
-) -> "keras.Model":
+) -> keras.Model:
     """A keras.applications backbone (frozen) with its preprocessing as layers and a new pooling/dropout/softmax head."""
     import keras
     from keras import layers
@@ -195,7 +202,7 @@ def transfer_model(
         kwargs["include_preprocessing"] = True
     try:
         base = application(include_top=False, weights=weights, input_shape=(height, width, 3), **kwargs)
-    except Exception as exc:  # noqa: BLE001 - keras raises a bare Exception when a download fails
+    except Exception as exc:
         if weights == "imagenet":
             raise TrainingError(
                 f"could not fetch the ImageNet weights of {backbone} ({type(exc).__name__}: {exc}); they download once into "
@@ -219,13 +226,13 @@ def transfer_model(
     return keras.Model(inputs, outputs, name=f"{backbone}_transfer")
 
 
-def _named(model: "keras.Model", name: str) -> "keras.Model":
+def _named(model: keras.Model, name: str) -> keras.Model:
     """Rename a functional model so the fine-tuning phase finds the backbone by a fixed name."""
     model.name = name
     return model
 
 
-def find_backbone(model: "keras.Model") -> "keras.Model | None":
+def find_backbone(model: keras.Model) -> keras.Model | None:
     """The pretrained base of a transfer model, or None for a model trained from scratch."""
     try:
         return model.get_layer(BACKBONE_LAYER)
@@ -233,7 +240,7 @@ def find_backbone(model: "keras.Model") -> "keras.Model | None":
         return None
 
 
-def unfreeze_top(model: "keras.Model", layers_to_unfreeze: int) -> int:
+def unfreeze_top(model: keras.Model, layers_to_unfreeze: int) -> int:
     """Make the top `layers_to_unfreeze` layers of the backbone trainable, batch norm excepted; returns how many."""
     from keras import layers
 
@@ -253,15 +260,15 @@ def unfreeze_top(model: "keras.Model", layers_to_unfreeze: int) -> int:
 class ModelSpec:
     """A zoo entry: how to build it and the input it is made for."""
 
-    build: Callable[..., "keras.Model"]
+    build: Callable[..., keras.Model]
     description: str
     default_size: tuple[int, int]
     default_color_mode: str  # "grayscale" or "rgb"
     transfer: bool = False
 
 
-def _transfer(name: str) -> Callable[..., "keras.Model"]:
-    def build(input_shape: tuple[int, int, int], num_classes: int, **options: object) -> "keras.Model":
+def _transfer(name: str) -> Callable[..., keras.Model]:
+    def build(input_shape: tuple[int, int, int], num_classes: int, **options: object) -> keras.Model:
         return transfer_model(name, input_shape, num_classes, **options)
 
     return build
@@ -271,7 +278,9 @@ def zoo() -> dict[str, ModelSpec]:
     """Every model `python -m training train --model` accepts."""
     models = {
         "digits_cnn": ModelSpec(digits_cnn, "small CNN for 8x8 greyscale digits (the bundled model)", (8, 8), "grayscale"),
-        "mnist_cnn": ModelSpec(mnist_cnn, "classic Conv-Conv-MaxPool-Dense CNN for 28x28 greyscale digits", (28, 28), "grayscale"),
+        "mnist_cnn": ModelSpec(
+            mnist_cnn, "classic Conv-Conv-MaxPool-Dense CNN for 28x28 greyscale digits", (28, 28), "grayscale"
+        ),
         "cifar10_cnn": ModelSpec(cifar10_cnn, "3 VGG-style conv blocks + Dense 512, for 32x32 RGB, 10 classes", (32, 32), "rgb"),
         "cifar100_cnn": ModelSpec(cifar100_cnn, "cifar10_cnn features + Dense 1024/512 head, for 100 classes", (32, 32), "rgb"),
     }
@@ -287,7 +296,7 @@ def zoo() -> dict[str, ModelSpec]:
     return models
 
 
-def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, **options: object) -> "keras.Model":
+def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, **options: object) -> keras.Model:
     """Build a zoo model by name for images of `input_shape` (H, W, C) and `num_classes` classes."""
     models = zoo()
     if name not in models:

@@ -7,11 +7,13 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from kos_core.layout import CHECKPOINT_FILE, HISTORY_FILE, LABELS_FILE, RUN_FILE, RUN_MODEL_FILE, TEST_SPLIT_FILE
 
 from .augmentation import Augmentation
 from .errors import TrainingError
@@ -22,13 +24,8 @@ if TYPE_CHECKING:
 
     from .datasets import Dataset, Split
 
-# Files of a run folder. MODEL_FILE, RUN_FILE and TEST_SPLIT_FILE are read by `export`.
-MODEL_FILE = "model.keras"  # the inference model: uint8 NHWC "image" in, probabilities out, no augmentation
-RUN_FILE = "run.json"  # the run record: config, labels, input, metrics, per-class report, history
-TEST_SPLIT_FILE = "test_split.npz"  # held-out test images (x uint8 NHWC) and labels (y), for export's parity check
-LABELS_FILE = "labels.txt"  # one label per line, line i is output column i
-HISTORY_FILE = "history.csv"  # per-epoch metrics, written as training goes
-CHECKPOINT_FILE = "checkpoint.keras"  # the best model so far by the monitored metric, written as training goes
+# Files of a run folder: their names are the core's, since `export` reads them.
+MODEL_FILE = RUN_MODEL_FILE
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 
@@ -93,7 +90,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9) -> "keras.optimizers.Optimizer":
+def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9) -> keras.optimizers.Optimizer:
     """Adam, SGD with Nesterov momentum, or RMSprop."""
     import keras
 
@@ -106,7 +103,7 @@ def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9) -> "k
     raise TrainingError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {name!r}")
 
 
-def training_metrics(num_classes: int) -> list["keras.metrics.Metric"]:
+def training_metrics(num_classes: int) -> list[keras.metrics.Metric]:
     """Accuracy and AUC, plus top-5 accuracy when there are more than ten classes."""
     import keras
 
@@ -117,8 +114,8 @@ def training_metrics(num_classes: int) -> list["keras.metrics.Metric"]:
 
 
 def pipeline(
-    split: "Split", num_classes: int, batch_size: int, seed: int, training: bool, augmentation: Augmentation | None = None
-) -> "tf.data.Dataset":
+    split: Split, num_classes: int, batch_size: int, seed: int, training: bool, augmentation: Augmentation | None = None
+) -> tf.data.Dataset:
     """Batches of (uint8 images, one-hot labels): shuffled and augmented for training, prefetched always."""
     import tensorflow as tf
 
@@ -135,7 +132,7 @@ def pipeline(
     return data.prefetch(tf.data.AUTOTUNE)
 
 
-def _epoch_timer() -> "keras.callbacks.Callback":
+def _epoch_timer() -> keras.callbacks.Callback:
     import keras
 
     class EpochTimer(keras.callbacks.Callback):
@@ -162,7 +159,10 @@ def _callbacks(config: TrainConfig, run_dir: Path, append_history: bool, best_so
             monitor=config.monitor, mode=mode, factor=config.lr_factor, patience=config.lr_patience, min_lr=config.min_lr
         ),
         keras.callbacks.ModelCheckpoint(
-            run_dir / CHECKPOINT_FILE, monitor=config.monitor, mode=mode, save_best_only=True,
+            run_dir / CHECKPOINT_FILE,
+            monitor=config.monitor,
+            mode=mode,
+            save_best_only=True,
             initial_value_threshold=best_so_far,
         ),
         keras.callbacks.CSVLogger(run_dir / HISTORY_FILE, append=append_history),
@@ -180,7 +180,7 @@ def _merge(history: dict[str, list[float]], more: dict[str, list[Any]]) -> None:
         history.setdefault(key, [float("nan")] * length).extend(float(v) for v in values)
 
 
-def build_for(config: TrainConfig, data: "Dataset") -> "keras.Model":
+def build_for(config: TrainConfig, data: Dataset) -> keras.Model:
     """The zoo model for this data set's images and classes."""
     from .models import build_model, zoo
 
@@ -190,7 +190,7 @@ def build_for(config: TrainConfig, data: "Dataset") -> "keras.Model":
     return build_model(config.model, data.input_shape, len(data.labels), **options)
 
 
-def fit(config: TrainConfig, model: "keras.Model", data: "Dataset", run_dir: Path) -> tuple[dict[str, list[float]], list[dict]]:
+def fit(config: TrainConfig, model: keras.Model, data: Dataset, run_dir: Path) -> tuple[dict[str, list[float]], list[dict]]:
     """Train (two phases for a transfer model: head on a frozen base, then the top of the base); returns history and phases."""
     from .models import find_backbone, unfreeze_top
 
@@ -209,8 +209,11 @@ def fit(config: TrainConfig, model: "keras.Model", data: "Dataset", run_dir: Pat
             metrics=training_metrics(num_classes),
         )
         done = len(history.get("loss", []))
-        print(f"{name}: up to {epochs} epochs at learning rate {learning_rate:g}, "
-              f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable weights", flush=True)
+        print(
+            f"{name}: up to {epochs} epochs at learning rate {learning_rate:g}, "
+            f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable weights",
+            flush=True,
+        )
         result = model.fit(
             train_data,
             validation_data=val_data,
@@ -221,14 +224,16 @@ def fit(config: TrainConfig, model: "keras.Model", data: "Dataset", run_dir: Pat
             verbose=_verbosity(),
         )
         _merge(history, result.history)
-        phases.append({
-            "name": name,
-            "first_epoch": done + 1,
-            "epochs_run": len(result.history.get("loss", [])),
-            "learning_rate": learning_rate,
-            "trainable_weights": sum(int(np.prod(w.shape)) for w in model.trainable_weights),
-            "kept": True,  # whether the final model holds this phase's best weights
-        })
+        phases.append(
+            {
+                "name": name,
+                "first_epoch": done + 1,
+                "epochs_run": len(result.history.get("loss", [])),
+                "learning_rate": learning_rate,
+                "trainable_weights": sum(int(np.prod(w.shape)) for w in model.trainable_weights),
+                "kept": True,  # whether the final model holds this phase's best weights
+            }
+        )
 
     backbone = find_backbone(model)
     run_phase("train" if backbone is None else "head (frozen base)", config.epochs, config.learning_rate, None)
@@ -237,8 +242,10 @@ def fit(config: TrainConfig, model: "keras.Model", data: "Dataset", run_dir: Pat
         pick = min if config.monitor == "val_loss" else max
         best = pick(v for v in history[config.monitor] if v == v)
         run_phase(
-            f"fine-tune (top {unfrozen} layers of the base)", config.fine_tune_epochs,
-            config.fine_tune_learning_rate or config.learning_rate / 10, best,
+            f"fine-tune (top {unfrozen} layers of the base)",
+            config.fine_tune_epochs,
+            config.fine_tune_learning_rate or config.learning_rate / 10,
+            best,
         )
         fine_tuned = history[config.monitor][phases[-1]["first_epoch"] - 1 :]
         improved = any((v < best) if config.monitor == "val_loss" else (v > best) for v in fine_tuned)
@@ -254,7 +261,7 @@ def fit(config: TrainConfig, model: "keras.Model", data: "Dataset", run_dir: Pat
     return history, phases
 
 
-def predict(model: "keras.Model", x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def predict(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Class probabilities for uint8 images, batch by batch."""
     return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
 
@@ -264,7 +271,7 @@ def default_run_dir(config: TrainConfig, root: Path = Path("runs")) -> Path:
     from .datasets import is_image_folder
 
     dataset = Path(config.dataset).resolve().name if is_image_folder(config.dataset) else config.dataset
-    return root / f"{config.model}-{dataset}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    return root / f"{config.model}-{dataset}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
 def train(config: TrainConfig, run_dir: Path, ledger: Path | None = None, overwrite: bool = False) -> dict:
@@ -275,7 +282,16 @@ def train(config: TrainConfig, run_dir: Path, ledger: Path | None = None, overwr
     from . import ledger as training_log
     from .datasets import is_image_folder, load_dataset
     from .models import zoo
-    from .reports import CONFUSION_FILE, CURVES_FILE, REPORT_FILE, confusion, per_class_report, plot_confusion, plot_curves, evaluation_metrics
+    from .reports import (
+        CONFUSION_FILE,
+        CURVES_FILE,
+        REPORT_FILE,
+        confusion,
+        evaluation_metrics,
+        per_class_report,
+        plot_confusion,
+        plot_curves,
+    )
 
     config.check()
     models = zoo()
@@ -290,8 +306,14 @@ def train(config: TrainConfig, run_dir: Path, ledger: Path | None = None, overwr
 
     started = time.time()
     # The split takes its seed explicitly, so the data loads first: a bad folder is refused before TensorFlow starts.
-    data = load_dataset(config.dataset, seed=config.seed, image_size=image_size, color_mode=color_mode,
-                        validation=config.validation, test=config.test)
+    data = load_dataset(
+        config.dataset,
+        seed=config.seed,
+        image_size=image_size,
+        color_mode=color_mode,
+        validation=config.validation,
+        test=config.test,
+    )
     seed_everything(config.seed, config.deterministic)
     if data.skipped:
         print(f"skipped {len(data.skipped)} unreadable file(s), e.g. {data.skipped[0]}", file=sys.stderr)
@@ -311,15 +333,14 @@ def train(config: TrainConfig, run_dir: Path, ledger: Path | None = None, overwr
     (run_dir / REPORT_FILE).write_text(report_text)
     title = f"{config.model} on {data.name}"
     plot_curves(history, run_dir / CURVES_FILE, title, [p["first_epoch"] - 1 for p in phases[1:]])
-    plot_confusion(matrix, data.labels, run_dir / CONFUSION_FILE,
-                   f"{title}: test accuracy {metrics['test_accuracy']:.4f}")
+    plot_confusion(matrix, data.labels, run_dir / CONFUSION_FILE, f"{title}: test accuracy {metrics['test_accuracy']:.4f}")
 
     config_record = asdict(config)
     config_record["image_size"] = list(data.input_shape[:2])
     config_record["color_mode"] = data.color_mode
     record = {
         "run": run_dir.name,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config_record,
         "dataset": data.name,
         "dataset_source": data.source,
@@ -347,25 +368,28 @@ def train(config: TrainConfig, run_dir: Path, ledger: Path | None = None, overwr
 
     sizes = data.split_sizes()
     height, width, channels = data.input_shape
-    training_log.append(ledger or run_dir.parent / training_log.LEDGER_FILE, {
-        "finished": record["finished"],
-        "run": run_dir.name,
-        "model": config.model,
-        "dataset": data.name,
-        "split": f"{sizes['train']}/{sizes['validation']}/{sizes['test']}",
-        "image_size": f"{height}x{width}x{channels}",
-        "batch_size": config.batch_size,
-        "epochs": f"{record['epochs_run']}/{config.epochs + (config.fine_tune_epochs if len(phases) > 1 else 0)}",
-        "optimizer": config.optimizer,
-        "learning_rate": config.learning_rate,
-        "augmentation": config.augmentation.describe(),
-        "weights": config.weights if spec.transfer else "",
-        "seed": config.seed,
-        "note": config.note,
-        **metrics,
-        "seconds": record["seconds"],
-        "run_dir": str(run_dir),
-    })
+    training_log.append(
+        ledger or run_dir.parent / training_log.LEDGER_FILE,
+        {
+            "finished": record["finished"],
+            "run": run_dir.name,
+            "model": config.model,
+            "dataset": data.name,
+            "split": f"{sizes['train']}/{sizes['validation']}/{sizes['test']}",
+            "image_size": f"{height}x{width}x{channels}",
+            "batch_size": config.batch_size,
+            "epochs": f"{record['epochs_run']}/{config.epochs + (config.fine_tune_epochs if len(phases) > 1 else 0)}",
+            "optimizer": config.optimizer,
+            "learning_rate": config.learning_rate,
+            "augmentation": config.augmentation.describe(),
+            "weights": config.weights if spec.transfer else "",
+            "seed": config.seed,
+            "note": config.note,
+            **metrics,
+            "seconds": record["seconds"],
+            "run_dir": str(run_dir),
+        },
+    )
     return record
 
 
@@ -385,8 +409,10 @@ def evaluate(run_dir: Path, folder: Path | None = None, batch_size: int = 256) -
     """Score a run's model on its saved test split, or on every image of a class folder; returns metrics and report."""
     import keras
 
-    from .imagefolder import load_folder
-    from .reports import per_class_report, evaluation_metrics
+    from kos_core.artifact import InputSpec
+    from kos_core.imagefolder import load_folder
+
+    from .reports import evaluation_metrics, per_class_report
 
     for required in (MODEL_FILE, RUN_FILE, TEST_SPLIT_FILE):
         if not (run_dir / required).is_file():
@@ -399,7 +425,9 @@ def evaluate(run_dir: Path, folder: Path | None = None, batch_size: int = 256) -
         source = f"{run_dir / TEST_SPLIT_FILE}"
     else:
         height, width, _ = record["input_shape"]
-        images = load_folder(folder, (height, width), record["color_mode"], labels=labels)
+        images = load_folder(
+            folder, InputSpec(height, width, record["color_mode"], record.get("resize_method", "bilinear")), labels=labels
+        )
         x, y, source = images.x, images.y, str(folder)
     model = keras.models.load_model(run_dir / MODEL_FILE)
     probabilities = predict(model, x, batch_size)
@@ -413,8 +441,16 @@ def evaluate(run_dir: Path, folder: Path | None = None, batch_size: int = 256) -
     }
 
 
-def benchmark(model_name: str, images: int, image_size: tuple[int, int], color_mode: str, num_classes: int,
-              batch_size: int, epochs: int = 2, seed: int = 0) -> list[float]:
+def benchmark(
+    model_name: str,
+    images: int,
+    image_size: tuple[int, int],
+    color_mode: str,
+    num_classes: int,
+    batch_size: int,
+    epochs: int = 2,
+    seed: int = 0,
+) -> list[float]:
     """Seconds per epoch of training `model_name` on generated uint8 images (the first includes graph tracing)."""
     from .datasets import Dataset, Split
 
@@ -424,14 +460,15 @@ def benchmark(model_name: str, images: int, image_size: tuple[int, int], color_m
     x = rng.integers(0, 256, size=(images, *image_size, channels), dtype=np.uint8)
     y = np.arange(images, dtype=np.int64) % num_classes
     split = Split(x, y)
-    small = Split(x[: batch_size], y[: batch_size])
+    small = Split(x[:batch_size], y[:batch_size])
     data = Dataset("generated", [str(i) for i in range(num_classes)], split, small, small, color_mode)
     config = TrainConfig(model=model_name, batch_size=batch_size, weights="none", fine_tune_epochs=0, epochs=epochs)
     model = build_for(config, data)
     import keras
 
-    model.compile(optimizer=make_optimizer("adam", 1e-3), loss=keras.losses.CategoricalCrossentropy(),
-                  metrics=training_metrics(num_classes))
+    model.compile(
+        optimizer=make_optimizer("adam", 1e-3), loss=keras.losses.CategoricalCrossentropy(), metrics=training_metrics(num_classes)
+    )
     timer = _epoch_timer()
     seconds: list[float] = []
 
@@ -439,6 +476,11 @@ def benchmark(model_name: str, images: int, image_size: tuple[int, int], color_m
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             seconds.append(float((logs or {})["seconds"]))
 
-    model.fit(pipeline(split, num_classes, batch_size, seed, True), epochs=epochs, callbacks=[timer, Collect()],
-              shuffle=False, verbose=_verbosity())
+    model.fit(
+        pipeline(split, num_classes, batch_size, seed, True),
+        epochs=epochs,
+        callbacks=[timer, Collect()],
+        shuffle=False,
+        verbose=_verbosity(),
+    )
     return seconds

@@ -43,13 +43,15 @@ class Engine:
     compose_cli: list[str] | None
     env: dict[str, str] = field(default_factory=dict)
     workdir: Path | None = None  # podman's private state, removed by close()
-    host_state: "HostNetworkState | None" = None
-    lock: "HostLock | None" = None
+    host_state: HostNetworkState | None = None
+    lock: HostLock | None = None
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
         return run([*self.cli, *args], env=self.env, check=check, timeout=timeout, **kwargs)
 
-    def compose(self, *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    def compose(
+        self, *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 600
+    ) -> subprocess.CompletedProcess:
         assert self.compose_cli is not None
         return run([*self.compose_cli, *args], env={**self.env, **(env or {})}, check=check, timeout=timeout)
 
@@ -72,11 +74,11 @@ class Engine:
             self.lock = None
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, check: bool = True, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], env: dict[str, str] | None = None, check: bool = True, timeout: float = 600, **kwargs
+) -> subprocess.CompletedProcess:
     """Run a command, capturing its output; on failure the error shows the command and its output."""
-    result = subprocess.run(
-        cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout, **kwargs
-    )
+    result = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and result.returncode != 0:
         raise RuntimeError(
             f"`{shlex.join(cmd)}` exited with {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n"
@@ -111,7 +113,9 @@ def _docker() -> Engine:
         raise EngineUnavailable("docker: not installed")
     info = run([docker, "info", "--format", "{{.ServerVersion}}"], check=False, timeout=60)
     if info.returncode != 0:
-        raise EngineUnavailable(f"docker: no engine answers ({info.stderr.strip().splitlines()[-1] if info.stderr.strip() else 'docker info failed'})")
+        raise EngineUnavailable(
+            f"docker: no engine answers ({info.stderr.strip().splitlines()[-1] if info.stderr.strip() else 'docker info failed'})"
+        )
     compose = None
     if run([docker, "compose", "version"], check=False, timeout=60).returncode == 0:
         compose = [docker, "compose"]
@@ -178,7 +182,7 @@ class HostLock:
         self._handle = handle
 
     @classmethod
-    def acquire(cls, timeout: float) -> "HostLock":
+    def acquire(cls, timeout: float) -> HostLock:
         handle = open(cls.PATH, "a")
         deadline = time.monotonic() + timeout
         while True:
@@ -188,7 +192,9 @@ class HostLock:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     handle.close()
-                    raise EngineUnavailable(f"podman: another container test run on this host held {cls.PATH} for {timeout:.0f}s")
+                    raise EngineUnavailable(
+                        f"podman: another container test run on this host held {cls.PATH} for {timeout:.0f}s"
+                    ) from None
                 time.sleep(1)
 
     def release(self) -> None:
@@ -225,7 +231,7 @@ class HostNetworkState:
     dnsmasq: set[int]
 
     @classmethod
-    def capture(cls) -> "HostNetworkState":
+    def capture(cls) -> HostNetworkState:
         return cls(
             links=_links(),
             iptables=_iptables_rules(),
@@ -242,7 +248,7 @@ class HostNetworkState:
                 subprocess.run(["ip", "link", "delete", link], capture_output=True)
         for (binary, table), lines in _iptables_rules().items():
             before = set(self.iptables.get((binary, table), []))
-            new_chains = [l.split()[1] for l in lines if l.startswith("-N ") and l not in before and _is_cni(l)]
+            new_chains = [rule.split()[1] for rule in lines if rule.startswith("-N ") and rule not in before and _is_cni(rule)]
             for line in reversed(lines):
                 if line.startswith("-A ") and line not in before and _is_cni(line) and line.split()[1] not in new_chains:
                     subprocess.run([binary, "-t", table, "-D", *shlex.split(line)[1:]], capture_output=True)
@@ -273,9 +279,11 @@ class HostNetworkState:
     def leftovers(self) -> list[str]:
         """What is still there that was not before capture(): empty after a clean restore()."""
         now = HostNetworkState.capture()
-        found = [f"link {l}" for l in sorted(now.links - self.links) if l.startswith(("cni-podman", "podman", "veth"))]
+        found = [f"link {link}" for link in sorted(now.links - self.links) if link.startswith(("cni-podman", "podman", "veth"))]
         for key, lines in now.iptables.items():
-            found += [f"{key[0]} -t {key[1]} {l}" for l in lines if _is_cni(l) and l not in set(self.iptables.get(key, []))]
+            found += [
+                f"{key[0]} -t {key[1]} {rule}" for rule in lines if _is_cni(rule) and rule not in set(self.iptables.get(key, []))
+            ]
         found += [str(e) for e in sorted(now.entries - self.entries)]
         found += [f"process {p}" for p in _dnsmasq_processes() if p not in self.dnsmasq]
         return found

@@ -14,7 +14,9 @@ from training.datasets import template_images
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def write_run(run_dir: Path, model, labels: list[str], x_test: np.ndarray, y_test: np.ndarray, dataset: str, architecture: str) -> Path:
+def write_run(
+    run_dir: Path, model, labels: list[str], x_test: np.ndarray, y_test: np.ndarray, dataset: str, architecture: str
+) -> Path:
     """A run folder in the format `python -m training train` writes (model.keras, run.json, test_split.npz)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     model.save(run_dir / "model.keras")

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from export.card import read_metadata
-from service.artifact import list_models
+from kos_core.layout import list_models
 from tests.conftest import ROOT
 
 
@@ -35,8 +35,19 @@ def test_a_keras_model_with_labels_and_images_exports_and_show_prints_the_same_c
     repository = tmp_path / "models"
 
     exported = _run(
-        str(digits_run / "model.keras"), "--labels", str(tmp_path / "labels.txt"), "--images", str(images),
-        "--name", "fromfile", "--repository", str(repository), "--dataset", "digits", "--resize-method", "lanczos",
+        str(digits_run / "model.keras"),
+        "--labels",
+        str(tmp_path / "labels.txt"),
+        "--images",
+        str(images),
+        "--name",
+        "fromfile",
+        "--repository",
+        str(repository),
+        "--dataset",
+        "digits",
+        "--resize-method",
+        "lanczos",
     )
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "[3/4] parity" in exported.stderr
@@ -61,7 +72,15 @@ def test_a_keras_model_with_labels_and_images_exports_and_show_prints_the_same_c
 def test_help_explains_sources_variants_parity_and_show():
     result = _run("--help")
     assert result.returncode == 0
-    for needle in ("--labels", "--images", "--variants", "--force-variants", "--calibration-images", "1e-4", "python -m export show"):
+    for needle in (
+        "--labels",
+        "--images",
+        "--variants",
+        "--force-variants",
+        "--calibration-images",
+        "1e-4",
+        "python -m export show",
+    ):
         assert needle in result.stdout, needle
     assert _run("show", "--help").returncode == 0
 

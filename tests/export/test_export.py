@@ -14,7 +14,8 @@ from export.convert import to_onnx
 from export.errors import ExportError
 from export.exporter import export
 from export.source import Images, Source, load_run, load_source
-from service.artifact import ModelMetadata, list_models, list_versions, model_path
+from kos_core.artifact import ModelMetadata
+from kos_core.layout import list_models, list_versions, model_path
 
 
 def _quiet(_: str) -> None:
@@ -152,7 +153,13 @@ def test_augmentation_leaves_the_graph_and_preprocessing_stays(tmp_path):
     result = _export(_source(_augmented_model(), (16, 16, 3), 3), tmp_path / "models")
 
     graph = onnx.load(str(result.path)).graph
-    assert not {n.op_type for n in graph.node} & {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Multinomial"}
+    assert not {n.op_type for n in graph.node} & {
+        "RandomUniform",
+        "RandomUniformLike",
+        "RandomNormal",
+        "RandomNormalLike",
+        "Multinomial",
+    }
     assert not [n.name for n in graph.node if any(k in n.name for k in ("flip", "rotate", "shift", "zoom", "contrast"))]
     assert [n.op_type for n in graph.node if "/rescale" in n.name] == ["Mul"]
     assert any("/normalize" in n.name for n in graph.node)
@@ -262,7 +269,10 @@ def test_a_model_whose_input_is_not_an_image_is_refused_clearly(tmp_path):
     [
         (lambda p: p / "missing", "does not exist"),
         (lambda p: p, "not a training run folder: model.keras is missing"),
-        (lambda p: (p / "notes.txt").write_text("x") and p / "notes.txt", "neither a training run folder nor a saved Keras model"),
+        (
+            lambda p: (p / "notes.txt").write_text("x") and p / "notes.txt",
+            "neither a training run folder nor a saved Keras model",
+        ),
     ],
     ids=["missing", "empty-folder", "other-file"],
 )
@@ -290,7 +300,8 @@ def test_a_version_taken_by_a_concurrent_export_is_refused_without_touching_it(t
 
     proto = onnx.helper.make_model(
         onnx.helper.make_graph(
-            [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+            [onnx.helper.make_node("Identity", ["x"], ["y"])],
+            "g",
             [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
             [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
         )

@@ -11,7 +11,8 @@ from export.card import show
 from export.errors import ExportError
 from export.exporter import export
 from export.source import Images, load_run
-from service.artifact import ModelMetadata, model_path
+from kos_core.artifact import ModelMetadata
+from kos_core.layout import model_path
 
 
 def _quiet(_: str) -> None:
@@ -36,7 +37,12 @@ def test_float16_and_int8_variants_keep_the_interface_and_their_accuracy(digits_
         path = model_path(repository, "digits", 1, precision)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (image,), (probabilities,) = session.get_inputs(), session.get_outputs()
-        assert (image.name, image.type, probabilities.name, probabilities.type) == ("image", "tensor(uint8)", "probabilities", "tensor(float)")
+        assert (image.name, image.type, probabilities.name, probabilities.type) == (
+            "image",
+            "tensor(uint8)",
+            "probabilities",
+            "tensor(float)",
+        )
         meta = _meta(path)
         assert meta.precision == precision and meta.labels == source.labels and meta.parity["passed"] is True
         assert set(meta.variants) == {"float16", "int8"}

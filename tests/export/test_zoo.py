@@ -11,7 +11,7 @@ import pytest
 
 from export.exporter import export
 from export.source import Images, Source
-from service.artifact import ModelMetadata
+from kos_core.artifact import ModelMetadata
 
 
 def _family(name: str) -> str:

@@ -11,7 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service.artifact import MODEL_FILENAME, ModelMetadata, model_path
+from kos_core.artifact import MODEL_FILENAME, ModelMetadata
+from kos_core.layout import model_path
 from tests.conftest import BUNDLED_REPOSITORY
 
 RGB_LABELS = ["cat", "dog", "fox", "owl"]

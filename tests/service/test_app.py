@@ -9,8 +9,8 @@ import httpx
 import numpy as np
 import pytest
 
+from kos_core.layout import model_path
 from service.app import create_app
-from service.artifact import model_path
 from service.errors import ModelNotFound
 from service.metrics import Metrics
 from service.registry import Registry
@@ -92,7 +92,7 @@ def write_int8_variant(repository, name: str, calibration: np.ndarray) -> None:
 
     from export.repository import attach_metadata
     from export.variants import make_variant
-    from service.artifact import ModelMetadata
+    from kos_core.artifact import ModelMetadata
 
     proto = onnx.load(str(model_path(repository, name, 1)))
     metadata = ModelMetadata.from_metadata_props({p.key: p.value for p in proto.metadata_props})
@@ -173,7 +173,9 @@ class CountingSession:
 
 async def test_a_lone_request_runs_on_the_lone_session_and_a_burst_on_the_batch_session(tmp_path, exported):
     repository = make_repository(tmp_path / "models", {"digits": exported["digits"]})
-    settings = Settings(repository=repository, intra_op_threads=1, lone_request_threads=2, watch_interval_s=0, max_files_per_request=8)
+    settings = Settings(
+        repository=repository, intra_op_threads=1, lone_request_threads=2, watch_interval_s=0, max_files_per_request=8
+    )
     app = create_app(settings, resolve_device("cpu"))
     async with app.router.lifespan_context(app):
         served = app.state.registry.get("digits")
@@ -202,7 +204,9 @@ def test_a_lone_session_that_fails_leaves_the_version_serving_on_its_batch_sessi
     monkeypatch.setattr(registry_module, "create_session", no_second_session)
     settings = Settings(intra_op_threads=1, lone_request_threads=2)
     with caplog.at_level("WARNING", logger="service.registry"):
-        served = registry_module.load_model("digits", 1, model_path(BUNDLED_REPOSITORY, "digits", 1), settings, resolve_device("cpu"))
+        served = registry_module.load_model(
+            "digits", 1, model_path(BUNDLED_REPOSITORY, "digits", 1), settings, resolve_device("cpu")
+        )
     assert served.state == "ready" and served.lone_session is None
     assert "no lone-request session (MemoryError: no room for a second session)" in caplog.text
     one = np.zeros((1, 8, 8, 1), np.uint8)

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.artifact import model_path
+from kos_core.layout import model_path
 from service.batcher import Batcher, BatcherClosed
 from service.errors import DeadlineExceeded, InferenceFailed, QueueFull
 from service.metrics import Metrics
@@ -134,8 +134,9 @@ async def test_images_whose_deadline_passed_are_answered_504_and_never_run(make_
     digits_run.gate.set()
     await blocker
     await batcher.submit(images(1, seed=3), later(10))  # the batcher goes on
-    ran = np.concatenate(digits_run.batches)
-    assert not any((batch == image).all(axis=(1, 2, 3)).any() for image in late for batch in digits_run.batches), "an expired image was run"
+    assert not any((batch == image).all(axis=(1, 2, 3)).any() for image in late for batch in digits_run.batches), (
+        "an expired image was run"
+    )
 
 
 async def test_an_exception_fails_only_its_own_batch_and_the_batcher_goes_on(make_batcher, digits_run):

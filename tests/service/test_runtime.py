@@ -38,7 +38,7 @@ def test_on_cuda_every_padded_batch_size_is_warmed_and_on_cpu_the_smallest_and_l
 def test_a_lone_request_session_gets_its_own_thread_count_and_gives_the_same_answers():
     import numpy as np
 
-    from service.artifact import model_path
+    from kos_core.layout import model_path
     from service.registry import load_model
     from service.settings import Settings
     from tests.conftest import BUNDLED_REPOSITORY

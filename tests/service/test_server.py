@@ -18,13 +18,16 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from service.artifact import model_path
+from kos_core.layout import model_path
 from tests.conftest import ROOT, LiveServer, free_port, onnx_predict
 from tests.service.conftest import make_repository, metric_value, png_bytes, post_many
 
 
 def _pngs(arrays: np.ndarray, prefix: str = "img") -> list[tuple]:
-    return [("files", (f"{prefix}{i}.png", png_bytes(a[:, :, 0] if a.shape[-1] == 1 else a), "image/png")) for i, a in enumerate(arrays)]
+    return [
+        ("files", (f"{prefix}{i}.png", png_bytes(a[:, :, 0] if a.shape[-1] == 1 else a), "image/png"))
+        for i, a in enumerate(arrays)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,16 @@ def mixed_server(tmp_path_factory, exported):
     repository = make_repository(tmp_path_factory.mktemp("mixed"), {k: exported[k] for k in ("digits", "rgb", "fragile")})
     server = LiveServer(
         repository,
-        ["--max-upload-bytes", "300000", "--max-image-pixels", "1000000", "--max-files-per-request", "64", "--watch-interval-s", "0"],
+        [
+            "--max-upload-bytes",
+            "300000",
+            "--max-image-pixels",
+            "1000000",
+            "--max-files-per-request",
+            "64",
+            "--watch-interval-s",
+            "0",
+        ],
     )
     try:
         server.wait_until_listening()
@@ -84,7 +96,7 @@ def test_every_format_and_colour_mode_is_served_like_the_model_predicts_in_proce
         "bilevel.png": _encoded(picture.convert("1"), "PNG"),
         "cmyk.jpg": _encoded(picture.convert("CMYK"), "JPEG", quality=92),
         "cmyk.tif": _encoded(picture.convert("CMYK"), "TIFF"),
-        "deep.png": _encoded(Image.fromarray((np.asarray(picture.convert("L")).astype(np.uint16) * 257)), "PNG"),
+        "deep.png": _encoded(Image.fromarray(np.asarray(picture.convert("L")).astype(np.uint16) * 257), "PNG"),
     }
     references = {name: _rgb_reference(Image.open(io.BytesIO(data))) for name, data in opaque.items()}
     references["deep.png"] = _rgb_reference(picture.convert("L"))  # 16-bit keeps its top byte: the 8-bit picture
@@ -97,7 +109,9 @@ def test_every_format_and_colour_mode_is_served_like_the_model_predicts_in_proce
         references[name] = _rgb_reference(Image.alpha_composite(white, image.convert("RGBA")))
     names = list(opaque)
     r = httpx.post(
-        f"{mixed_server.url}/predict/rgb?top_k=4", files=[("files", (n, opaque[n], "application/octet-stream")) for n in names], timeout=60
+        f"{mixed_server.url}/predict/rgb?top_k=4",
+        files=[("files", (n, opaque[n], "application/octet-stream")) for n in names],
+        timeout=60,
     )
     assert r.status_code == 200, r.text
     expected = onnx_predict(exported["rgb"], np.stack([references[n] for n in names]))
@@ -121,7 +135,10 @@ def test_a_failing_batch_answers_json_500_without_internals_and_the_next_request
 
 def test_non_finite_probabilities_are_a_json_500_naming_the_file_and_the_service_goes_on(mixed_server):
     black, grey = np.zeros((1, 8, 8, 1), np.uint8), np.full((1, 8, 8, 1), 100, np.uint8)
-    files = [("files", ("grey.png", png_bytes(grey[0, :, :, 0]), "image/png")), ("files", ("black.png", png_bytes(black[0, :, :, 0]), "image/png"))]
+    files = [
+        ("files", ("grey.png", png_bytes(grey[0, :, :, 0]), "image/png")),
+        ("files", ("black.png", png_bytes(black[0, :, :, 0]), "image/png")),
+    ]
     r = httpx.post(f"{mixed_server.url}/predict/fragile", files=files, timeout=30)
     assert r.status_code == 500
     assert r.json()["detail"] == "model 'fragile' version 1 returned non-finite probabilities (NaN or infinity) for black.png"
@@ -163,12 +180,20 @@ def test_every_client_error_is_json_with_a_detail(mixed_server):
         (httpx.post(f"{url}/predict/digits?top_k=0", files=one), 422, "top_k"),
         (httpx.post(f"{url}/predict/digits", files=one * 65), 422, "65 files"),
         (
-            httpx.post(f"{url}/predict/digits", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"}),
+            httpx.post(
+                f"{url}/predict/digits", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"}
+            ),
             422,
             "files",
         ),
         (httpx.post(f"{url}/predict/digits", content=b"abc", headers={"content-type": "multipart/form-data"}), 422, "multipart"),
-        (httpx.post(f"{url}/predict/digits", files=[("files", ("big.png", png_bytes(np.zeros((1000, 1001), np.uint8)), "image/png"))]), 413, "big.png"),
+        (
+            httpx.post(
+                f"{url}/predict/digits", files=[("files", ("big.png", png_bytes(np.zeros((1000, 1001), np.uint8)), "image/png"))]
+            ),
+            413,
+            "big.png",
+        ),
         (httpx.post(f"{url}/predict/digits", files=[("files", ("huge.bin", b"\0" * 400_000, "image/png"))]), 413, "300000 bytes"),
         (httpx.get(f"{url}/models/cats"), 404, "cats"),
     ]
@@ -203,7 +228,9 @@ def test_a_body_over_the_limit_is_refused_while_it_streams_in(mixed_server):
 
 def test_a_declared_content_length_over_the_limit_is_refused_before_reading(mixed_server):
     with socket.create_connection(("127.0.0.1", mixed_server.port), timeout=15) as s:
-        s.sendall(b"POST /predict/digits HTTP/1.1\r\nHost: test\r\nContent-Length: 1000000000\r\nContent-Type: multipart/form-data; boundary=b\r\n\r\n")
+        s.sendall(
+            b"POST /predict/digits HTTP/1.1\r\nHost: test\r\nContent-Length: 1000000000\r\nContent-Type: multipart/form-data; boundary=b\r\n\r\n"
+        )
         answer = _read_until_closed(s)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
 
@@ -408,9 +435,7 @@ def test_api_key_guards_predict_and_models_but_not_health(tmp_path, start_server
 
 def test_cors_origins_and_json_logs(tmp_path, start_server, exported):
     repository = make_repository(tmp_path, {"digits": exported["digits"]})
-    server = start_server(
-        repository, "--cors-origins", "https://app.example", "--log-format", "json", "--watch-interval-s", "0"
-    )
+    server = start_server(repository, "--cors-origins", "https://app.example", "--log-format", "json", "--watch-interval-s", "0")
     preflight = httpx.options(
         f"{server.url}/predict/digits",
         headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
@@ -429,7 +454,17 @@ def test_device_cuda_refuses_to_start_where_cuda_does_not_work(bundled_repositor
     # onnxruntime-gpu lists CUDAExecutionProvider here, but the CUDA libraries are missing: the real fall-back case.
     assert "CUDAExecutionProvider" in ort.get_available_providers()
     result = subprocess.run(
-        [sys.executable, "-m", "service", "--device", "cuda", "--port", str(free_port()), "--repository", str(bundled_repository)],
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--device",
+            "cuda",
+            "--port",
+            str(free_port()),
+            "--repository",
+            str(bundled_repository),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -449,7 +484,9 @@ def test_the_service_process_never_imports_tensorflow(tmp_path, exported, digit_
         f"sys.argv = ['service', '--port', '{port}', '--repository', {str(repository)!r}]\n"
         "runpy.run_module('service', run_name='__main__', alter_sys=True)\n"
     )
-    process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):
@@ -470,7 +507,9 @@ def test_the_service_process_never_imports_tensorflow(tmp_path, exported, digit_
 
 def test_settings_come_from_environment_variables_and_flags_win(tmp_path, start_server, exported):
     repository = make_repository(tmp_path, {"digits": exported["digits"]})
-    server = start_server(Path(repository), "--max-files-per-request", "2", env={"KOS_MAX_FILES_PER_REQUEST": "1", "KOS_WATCH_INTERVAL_S": "0"})
+    server = start_server(
+        Path(repository), "--max-files-per-request", "2", env={"KOS_MAX_FILES_PER_REQUEST": "1", "KOS_WATCH_INTERVAL_S": "0"}
+    )
     files = _pngs(np.zeros((2, 8, 8, 1), np.uint8))
     assert httpx.post(f"{server.url}/predict/digits", files=files).status_code == 200
     assert httpx.post(f"{server.url}/predict/digits", files=files * 2).status_code == 422

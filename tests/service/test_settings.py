@@ -40,11 +40,30 @@ def test_every_setting_is_in_the_readme_table_with_its_env_and_default():
 def test_every_setting_is_a_flag_that_reaches_the_settings():
     parser = build_parser()
     values = {
-        "host": "0.0.0.0", "port": "9", "repository": "elsewhere", "device": "cpu", "precision": "int8", "max_batch_size": "7",
-        "max_batch_delay_ms": "1.5", "queue_size": "99", "request_timeout_s": "3", "max_upload_bytes": "1000",
-        "max_files_per_request": "9", "max_image_pixels": "100", "intra_op_threads": "2", "inter_op_threads": "1", "intra_op_spinning": "true",
-        "inference_workers": "2", "lone_request_threads": "4", "decode_workers": "3", "api_key": "k", "cors_origins": "https://a.example, https://b.example",
-        "watch_interval_s": "0", "shutdown_timeout_s": "5", "log_level": "debug", "log_format": "json",
+        "host": "0.0.0.0",
+        "port": "9",
+        "repository": "elsewhere",
+        "device": "cpu",
+        "precision": "int8",
+        "max_batch_size": "7",
+        "max_batch_delay_ms": "1.5",
+        "queue_size": "99",
+        "request_timeout_s": "3",
+        "max_upload_bytes": "1000",
+        "max_files_per_request": "9",
+        "max_image_pixels": "100",
+        "intra_op_threads": "2",
+        "inter_op_threads": "1",
+        "intra_op_spinning": "true",
+        "inference_workers": "2",
+        "lone_request_threads": "4",
+        "decode_workers": "3",
+        "api_key": "k",
+        "cors_origins": "https://a.example, https://b.example",
+        "watch_interval_s": "0",
+        "shutdown_timeout_s": "5",
+        "log_level": "debug",
+        "log_format": "json",
     }
     assert set(values) == set(Settings.model_fields), "a new setting needs a value in this test"
     argv = [arg for name, value in values.items() for arg in ("--" + name.replace("_", "-"), value)]

@@ -9,20 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.artifact import ModelMetadata
-from service.imaging import decode_image
+from kos_core.artifact import InputSpec
+from kos_core.errors import ImageFolderError
+from kos_core.imagefolder import decode_file, load_folder
+from kos_core.imaging import decode_image
 from training.datasets import CIFAR100_LABELS, LOADERS, load_dataset, load_digits, load_image_folder
 from training.errors import TrainingError
-from training.imagefolder import decode_file, load_folder
 
 from .conftest import write_image_folder
 
 
-def _spec(height: int, width: int, color_mode: str) -> ModelMetadata:
-    return ModelMetadata(
-        name="m", labels=["a", "b"], height=height, width=width, channels=1 if color_mode == "grayscale" else 3,
-        color_mode=color_mode, architecture="x", dataset="y",
-    )
+def _spec(height: int, width: int, color_mode: str) -> InputSpec:
+    return InputSpec(height, width, color_mode)
 
 
 def _awkward_images(folder):
@@ -57,14 +55,14 @@ def _awkward_images(folder):
 @pytest.mark.parametrize("color_mode", ["rgb", "grayscale"])
 def test_folder_images_decode_to_the_same_pixels_as_the_service(tmp_path, color_mode):
     for path in _awkward_images(tmp_path):
-        ours = decode_file(path, (24, 32), color_mode)
+        ours = decode_file(path, _spec(24, 32, color_mode))
         served = decode_image(path.read_bytes(), path.name, _spec(24, 32, color_mode), max_pixels=40_000_000)
         assert ours.dtype == np.uint8 and ours.shape == served.shape == (24, 32, 1 if color_mode == "grayscale" else 3)
         np.testing.assert_array_equal(ours, served, err_msg=path.name)
 
 
 def test_folder_labels_are_the_sorted_sub_folders_and_every_image_is_resized(image_folder):
-    images = load_folder(image_folder, (20, 30), "rgb", progress=False)
+    images = load_folder(image_folder, _spec(20, 30, "rgb"))
     assert images.labels == ["cloudy", "rainbow", "sandstorm"]
     assert images.x.shape == (36, 20, 30, 3) and images.x.dtype == np.uint8
     assert Counter(images.y.tolist()) == {0: 12, 1: 12, 2: 12}
@@ -72,7 +70,7 @@ def test_folder_labels_are_the_sorted_sub_folders_and_every_image_is_resized(ima
 
 
 def test_grayscale_folder_images_have_one_channel(image_folder):
-    images = load_folder(image_folder, (16, 16), "grayscale", progress=False)
+    images = load_folder(image_folder, _spec(16, 16, "grayscale"))
     assert images.x.shape == (36, 16, 16, 1)
 
 
@@ -81,7 +79,7 @@ def test_corrupt_files_are_skipped_and_counted_and_other_files_ignored(image_fol
     (image_folder / "rainbow" / "empty.png").write_bytes(b"")
     (image_folder / "rainbow" / "notes.txt").write_text("not an image, not counted")
     (image_folder / ".DS_Store").write_bytes(b"\0\0")
-    images = load_folder(image_folder, (16, 16), "rgb", progress=False)
+    images = load_folder(image_folder, _spec(16, 16, "rgb"))
     assert len(images.y) == 36
     assert sorted(s.split(":")[0] for s in images.skipped) == ["cloudy/broken.jpg", "rainbow/empty.png"]
     data = load_image_folder(image_folder, (16, 16), seed=0, progress=False)
@@ -143,8 +141,8 @@ def test_a_folder_where_nothing_decodes_is_a_clear_error(tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "x.png").write_bytes(b"garbage")
-    with pytest.raises(TrainingError, match="none of the 2 image files"):
-        load_folder(tmp_path, (16, 16), "rgb", progress=False)
+    with pytest.raises(ImageFolderError, match="none of the 2 image files"):
+        load_folder(tmp_path, _spec(16, 16, "rgb"))
 
 
 def test_impossible_split_fractions_are_refused(image_folder):
@@ -183,7 +181,7 @@ def test_images_with_unknown_content_behind_an_image_suffix_are_skipped(tmp_path
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, "ICO")
     (tmp_path / "set" / "cloudy" / "icon.png").write_bytes(buffer.getvalue())
-    images = load_folder(tmp_path / "set", (16, 16), "rgb", progress=False)
+    images = load_folder(tmp_path / "set", _spec(16, 16, "rgb"))
     assert [s.split(":")[0] for s in images.skipped] == ["cloudy/icon.png"]
 
 

@@ -104,9 +104,22 @@ def test_unknown_models_name_the_zoo():
 
 
 def test_the_zoo_offers_every_promised_family():
-    promised = {"mnist_cnn", "cifar10_cnn", "cifar100_cnn", "digits_cnn", "mobilenet_v2", "mobilenet_v3_small",
-                "efficientnet_b0", "efficientnet_b7", "densenet121", "densenet201", "resnet50", "vgg16", "xception",
-                "inception_v3"}
+    promised = {
+        "mnist_cnn",
+        "cifar10_cnn",
+        "cifar100_cnn",
+        "digits_cnn",
+        "mobilenet_v2",
+        "mobilenet_v3_small",
+        "efficientnet_b0",
+        "efficientnet_b7",
+        "densenet121",
+        "densenet201",
+        "resnet50",
+        "vgg16",
+        "xception",
+        "inception_v3",
+    }
     assert promised <= set(zoo())
     assert all(zoo()[name].transfer for name in BACKBONES)
 
@@ -125,9 +138,8 @@ def test_preprocessing_layers_equal_the_backbones_own_preprocess_input(mode, mod
 @pytest.mark.parametrize("mode", ["tf", "torch", "caffe", "included"])
 def test_preprocessing_layers_convert_to_onnx_with_parity(mode):
     import keras
-    from keras import layers
-
     import onnxruntime as ort
+    from keras import layers
 
     from export.convert import to_onnx
 
@@ -156,13 +168,38 @@ def test_fine_tuning_unfreezes_the_top_of_the_base_but_not_its_batch_norm():
 def test_imagenet_weights_offline_fail_naming_weights_none(image_folder, tmp_path):
     # A proxy on a closed port makes the download fail at once, as on a machine without internet;
     # an empty KERAS_HOME makes sure no cached weights are found.
-    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras"), "HTTPS_PROXY": "http://127.0.0.1:9",
-           "HTTP_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
-           "NO_PROXY": "", "no_proxy": ""}
+    env = {
+        **os.environ,
+        "KERAS_HOME": str(tmp_path / "keras"),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "https_proxy": "http://127.0.0.1:9",
+        "http_proxy": "http://127.0.0.1:9",
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "training", "train", "--model", "mobilenet_v2", "--dataset", str(image_folder),
-         "--image-size", "32", "--epochs", "1", "--run-dir", str(tmp_path / "run")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "train",
+            "--model",
+            "mobilenet_v2",
+            "--dataset",
+            str(image_folder),
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0
     assert "ImageNet weights of mobilenet_v2" in result.stderr and "--weights none" in result.stderr, result.stderr[-2000:]

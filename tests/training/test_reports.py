@@ -7,7 +7,7 @@ import pytest
 
 from training import ledger
 from training.errors import TrainingError
-from training.reports import confusion, per_class_report, plot_confusion, plot_curves, evaluation_metrics
+from training.reports import confusion, evaluation_metrics, per_class_report, plot_confusion, plot_curves
 
 
 def _probabilities(predicted: list[int], classes: int, confidence: float = 0.9) -> np.ndarray:

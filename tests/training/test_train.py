@@ -18,8 +18,17 @@ from training.augmentation import Augmentation, augmenter
 from training.errors import TrainingError
 from training.train import MODEL_FILE, RUN_FILE, TEST_SPLIT_FILE, TrainConfig, evaluate, train
 
-RUN_FOLDER = {MODEL_FILE, RUN_FILE, TEST_SPLIT_FILE, "labels.txt", "history.csv", "checkpoint.keras", "curves.png",
-              "confusion_matrix.png", "classification_report.txt"}
+RUN_FOLDER = {
+    MODEL_FILE,
+    RUN_FILE,
+    TEST_SPLIT_FILE,
+    "labels.txt",
+    "history.csv",
+    "checkpoint.keras",
+    "curves.png",
+    "confusion_matrix.png",
+    "classification_report.txt",
+}
 
 
 def _layers(model):
@@ -118,8 +127,10 @@ def test_a_run_folder_is_never_replaced_without_overwrite(digits_run):
 
 def test_the_same_seed_trains_the_same_model(digits_run, tmp_path):
     _, first = digits_run
-    second = train(TrainConfig(**{**first["config"], "image_size": None, "augmentation": Augmentation(shift=0.1, rotation=10)}),
-                   tmp_path / "again")
+    second = train(
+        TrainConfig(**{**first["config"], "image_size": None, "augmentation": Augmentation(shift=0.1, rotation=10)}),
+        tmp_path / "again",
+    )
     timing = ("seconds",)
     assert {k: v for k, v in first["history"].items() if k not in timing} == {
         k: v for k, v in second["history"].items() if k not in timing
@@ -130,8 +141,17 @@ def test_the_same_seed_trains_the_same_model(digits_run, tmp_path):
 def test_a_transfer_model_trains_in_two_phases_and_keeps_the_better_one(image_folder, tmp_path):
     # A learning rate far too high for fine-tuning: phase 2 cannot beat the head alone, so the
     # head-only model from phase 1 must be the one saved.
-    config = TrainConfig(model="mobilenet_v3_small", dataset=str(image_folder), image_size=(32, 32), weights="none",
-                         epochs=1, fine_tune_epochs=1, fine_tune_layers=10, fine_tune_learning_rate=1e4, batch_size=8)
+    config = TrainConfig(
+        model="mobilenet_v3_small",
+        dataset=str(image_folder),
+        image_size=(32, 32),
+        weights="none",
+        epochs=1,
+        fine_tune_epochs=1,
+        fine_tune_layers=10,
+        fine_tune_learning_rate=1e4,
+        batch_size=8,
+    )
     record = train(config, tmp_path / "run")
     assert [p["name"].split(" ")[0] for p in record["phases"]] == ["head", "fine-tune"]
     head, fine = record["phases"]
@@ -150,9 +170,17 @@ def test_a_transfer_model_trains_in_two_phases_and_keeps_the_better_one(image_fo
 
 def test_a_scratch_model_learns_an_image_folder_with_augmentation(make_image_folder, tmp_path):
     root = make_image_folder(per_class=20)
-    config = TrainConfig(model="mnist_cnn", dataset=str(root), color_mode="rgb", epochs=4, batch_size=8, optimizer="sgd",
-                         learning_rate=0.01, augmentation=Augmentation(shift=0.1, rotation=20, flip="horizontal"),
-                         max_test_images=5)
+    config = TrainConfig(
+        model="mnist_cnn",
+        dataset=str(root),
+        color_mode="rgb",
+        epochs=4,
+        batch_size=8,
+        optimizer="sgd",
+        learning_rate=0.01,
+        augmentation=Augmentation(shift=0.1, rotation=20, flip="horizontal"),
+        max_test_images=5,
+    )
     record = train(config, tmp_path / "run", ledger=tmp_path / "log.csv")
     # Three flat colours: far better than the one in three of guessing, even after four epochs.
     assert record["metrics"]["test_accuracy"] >= 0.75
@@ -212,9 +240,26 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_help_explains_every_option():
     result = _cli("train", "--help")
     assert result.returncode == 0
-    for option in ("--model", "--dataset", "--image-size", "--optimizer", "--learning-rate", "--batch-size", "--epochs",
-                   "--patience", "--lr-patience", "--shift", "--rotation", "--flip", "--weights", "--fine-tune-epochs",
-                   "--run-dir", "--ledger", "--note", "--seed"):
+    for option in (
+        "--model",
+        "--dataset",
+        "--image-size",
+        "--optimizer",
+        "--learning-rate",
+        "--batch-size",
+        "--epochs",
+        "--patience",
+        "--lr-patience",
+        "--shift",
+        "--rotation",
+        "--flip",
+        "--weights",
+        "--fine-tune-epochs",
+        "--run-dir",
+        "--ledger",
+        "--note",
+        "--seed",
+    ):
         assert option in result.stdout
     assert "none" in result.stdout and "imagenet" in result.stdout
 
@@ -234,12 +279,36 @@ def test_cli_log_without_a_log_says_where_it_looked(tmp_path, capsys):
 def test_a_keras_data_set_that_cannot_download_fails_with_the_offline_way_out(tmp_path):
     # A proxy on a closed port makes the download fail at once; an empty KERAS_HOME holds no cached copy.
     proxy = "http://127.0.0.1:9"
-    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras"), "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy,
-           "https_proxy": proxy, "http_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
+    env = {
+        **os.environ,
+        "KERAS_HOME": str(tmp_path / "keras"),
+        "HTTPS_PROXY": proxy,
+        "HTTP_PROXY": proxy,
+        "https_proxy": proxy,
+        "http_proxy": proxy,
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "training", "train", "--model", "mnist_cnn", "--dataset", "mnist", "--epochs", "1",
-         "--run-dir", str(tmp_path / "run")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "train",
+            "--model",
+            "mnist_cnn",
+            "--dataset",
+            "mnist",
+            "--epochs",
+            "1",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "could not load mnist" in result.stderr and "--dataset digits" in result.stderr, result.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""The model artifact contract: repository layout and the metadata carried inside each ONNX file.
+"""The model artifact contract: the graph's names, the input spec and the metadata inside each ONNX file.
 
 One definition, shared by the writer (export) and the reader (service).
 """
@@ -6,8 +6,8 @@ One definition, shared by the writer (export) and the reader (service).
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
-from pathlib import Path
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,6 +23,33 @@ Precision = Literal["float32", "float16", "int8"]
 # File name of each precision inside a version folder; float32 is the one the service serves.
 PRECISION_FILENAMES: dict[str, str] = {"float32": MODEL_FILENAME, "float16": "model.float16.onnx", "int8": "model.int8.onnx"}
 ResizeMethod = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
+RESIZE_METHODS: tuple[str, ...] = ResizeMethod.__args__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What an image becomes before the model sees it: H x W x C uint8, in a colour mode, resized one way."""
+
+    height: int
+    width: int
+    color_mode: ColorMode
+    resize_method: ResizeMethod = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.height <= 0 or self.width <= 0:
+            raise ValueError(f"an input is at least 1x1 pixels, not {self.height}x{self.width}")
+        if self.color_mode not in ("grayscale", "rgb"):
+            raise ValueError(f"colour mode must be 'grayscale' or 'rgb', not {self.color_mode!r}")
+        if self.resize_method not in RESIZE_METHODS:
+            raise ValueError(f"resize method must be one of {', '.join(RESIZE_METHODS)}, not {self.resize_method!r}")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "grayscale" else 3
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
 
 
 class ModelMetadata(BaseModel):
@@ -44,7 +71,7 @@ class ModelMetadata(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict, description="Held-out test metrics.")
     parity: dict[str, float | int | bool | str] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict, description="Tool and framework versions.")
-    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     extra: dict[str, str | float | int | bool] = Field(default_factory=dict)
     precision: Precision = Field("float32", description="Weight precision of this file; variants sit beside model.onnx.")
     opset: int | None = Field(None, description="ONNX opset the graph was converted to.")
@@ -56,7 +83,7 @@ class ModelMetadata(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _colour_matches_channels(self) -> "ModelMetadata":
+    def _colour_matches_channels(self) -> ModelMetadata:
         expected = 1 if self.color_mode == "grayscale" else 3
         if self.channels != expected:
             raise ValueError(f"color_mode {self.color_mode!r} needs {expected} channel(s), not {self.channels}")
@@ -66,12 +93,16 @@ class ModelMetadata(BaseModel):
     def input_shape(self) -> tuple[int, int, int]:
         return (self.height, self.width, self.channels)
 
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec(self.height, self.width, self.color_mode, self.resize_method)
+
     def to_metadata_props(self) -> dict[str, str]:
         """The ONNX `metadata_props` entries that carry this metadata."""
         return {METADATA_KEY: self.model_dump_json()}
 
     @classmethod
-    def from_metadata_props(cls, props: dict[str, str]) -> "ModelMetadata":
+    def from_metadata_props(cls, props: dict[str, str]) -> ModelMetadata:
         """Read the metadata back from an ONNX file's `metadata_props` (or onnxruntime's custom map)."""
         if METADATA_KEY not in props:
             raise ValueError(f"the model carries no {METADATA_KEY!r} metadata: was it written by `python -m export`?")
@@ -82,82 +113,3 @@ class ModelMetadata(BaseModel):
                 f"({SCHEMA_VERSION}): upgrade keras-onnx-serve"
             )
         return cls.model_validate(data)
-
-
-def model_path(repository: Path, name: str, version: int, precision: str = "float32") -> Path:
-    return repository / name / str(version) / PRECISION_FILENAMES[precision]
-
-
-def served_file(repository: Path, name: str, version: int, precision: str = "float32") -> Path:
-    """The file to serve for `precision`: its variant when the version folder holds one, else model.onnx."""
-    preferred = model_path(repository, name, version, precision)
-    return preferred if preferred.is_file() else model_path(repository, name, version)
-
-
-def list_versions(repository: Path, name: str) -> list[int]:
-    """Versions of `name` that hold a model file, ascending; temporary folders are ignored.
-
-    A folder that cannot be read holds no versions (`repository_problems` names it).
-    """
-    folder = repository / name
-    try:
-        if not folder.is_dir():
-            return []
-        return sorted(
-            int(p.name)
-            for p in folder.iterdir()
-            if p.name.isdigit() and int(p.name) > 0 and (p / MODEL_FILENAME).is_file()
-        )
-    except OSError:
-        return []
-
-
-def list_models(repository: Path) -> dict[str, list[int]]:
-    """Every model name in the repository with its versions."""
-    if not repository.is_dir():
-        return {}
-    found = {}
-    for p in sorted(repository.iterdir()):
-        if p.is_dir() and not p.name.startswith("."):
-            versions = list_versions(repository, p.name)
-            if versions:
-                found[p.name] = versions
-    return found
-
-
-def repository_problems(repository: Path) -> list[str]:
-    """Entries of the repository that look meant to be served but are not laid out as NAME/VERSION/model.onnx.
-
-    Hidden entries (export's staging folders among them) are not problems.
-    """
-    if not repository.is_dir():
-        return []
-    problems = []
-    for entry in sorted(repository.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_file():
-            if entry.suffix == ".onnx":
-                problems.append(f"{entry.name} lies at the top of the repository: put it in NAME/1/{MODEL_FILENAME}")
-            continue
-        try:
-            subs = sorted(entry.iterdir())
-        except OSError as exc:
-            problems.append(f"{entry.name} cannot be read: {exc.strerror}")
-            continue
-        for sub in subs:
-            where = f"{entry.name}/{sub.name}"
-            if sub.name.startswith("."):
-                continue
-            if sub.is_file():
-                if sub.suffix == ".onnx":
-                    problems.append(f"{where} has no version folder: put it in {entry.name}/1/{MODEL_FILENAME}")
-            elif not (sub.name.isdigit() and int(sub.name) > 0):
-                problems.append(f"{where} is not a version folder (a whole number from 1 up): ignored")
-            else:
-                try:
-                    if not (sub / MODEL_FILENAME).is_file():
-                        problems.append(f"{where} holds no {MODEL_FILENAME}: ignored")
-                except OSError as exc:
-                    problems.append(f"{where} cannot be read: {exc.strerror}")
-    return problems

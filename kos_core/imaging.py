@@ -1,7 +1,9 @@
 """Image bytes to the uint8 HxWxC array a model takes: decode, orient, convert, resize.
 
-Blocking and CPU-bound: the service calls it in a thread pool, never on the event loop (Pillow
-releases the GIL while it decodes and resizes).
+Training, export and the service all decode through `decode_image`, so a model sees the same
+pixels in training as in serving. Blocking and CPU-bound: the service calls it in a thread pool,
+never on the event loop (Pillow releases the GIL while it decodes and resizes). Errors are the
+core's own (UnsupportedImage, ImageTooLarge); each front end maps them to its answers.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from .artifact import ModelMetadata
-from .errors import ImageTooLarge, ServiceError, UnsupportedImage
+from .artifact import InputSpec
+from .errors import ImageError, ImageTooLarge, UnsupportedImage
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# Pillow's name for a JPEG that carries further images after the first (Multi-Picture Format, what
+# many cameras and phones write): its first image is an ordinary JPEG, decoded as one.
+JPEG_FORMATS = ("JPEG", "MPO")
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -60,32 +65,63 @@ def _to_mode(image: Image.Image, color_mode: str) -> Image.Image:
     return image.convert("L" if color_mode == "grayscale" else "RGB")
 
 
-def decode_image(data: bytes, filename: str, spec: ModelMetadata, max_pixels: int) -> np.ndarray:
-    """Decode one upload into a uint8 array of shape (H, W, C) for `spec`; raises a 4xx ServiceError."""
+def image_pixels(data: bytes, filename: str) -> int:
+    """Width x height of an encoded image, from its header alone; raises UnsupportedImage."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{filename}: image is too large to decode safely") from exc
+    except Exception as exc:
+        raise UnsupportedImage(f"{filename}: not a readable image ({type(exc).__name__})") from exc
+
+
+def decode_image(data: bytes, filename: str, spec: InputSpec, max_pixels: int) -> np.ndarray:
+    """Decode one image into a uint8 array of shape (H, W, C) for `spec`; raises an ImageError.
+
+    A MemoryError is not the file's fault and passes through unchanged.
+    """
     try:
         # open() reads the header only: the size is checked before a single pixel is decoded.
         image = Image.open(io.BytesIO(data))
-        if image.format not in SUPPORTED_FORMATS:
-            raise UnsupportedImage(f"{filename}: {image.format} images are not supported; send one of {', '.join(SUPPORTED_FORMATS)}")
+        if image.format not in SUPPORTED_FORMATS and image.format not in JPEG_FORMATS:
+            raise UnsupportedImage(
+                f"{filename}: {image.format} images are not supported; send one of {', '.join(SUPPORTED_FORMATS)}"
+            )
         if image.width * image.height > max_pixels:
             raise ImageTooLarge(f"{filename}: {image.width}x{image.height} pixels is more than the limit of {max_pixels}")
-        if image.format == "JPEG":
+        if image.format in JPEG_FORMATS:
             # Decode large JPEGs at a reduced scale when the model input is much smaller. The longer
             # side is used for both, so an EXIF rotation afterwards cannot leave a side too small.
             side = DRAFT_MARGIN * max(spec.width, spec.height)
             image.draft(None, (side, side))
-        image.seek(0)  # GIF, TIFF, WebP: the first frame
+        image.seek(0)  # GIF, TIFF, WebP, MPO: the first frame
         image.load()
         image = ImageOps.exif_transpose(image)
         image = _to_mode(image, spec.color_mode)
-    except ServiceError:
+    except (ImageError, MemoryError):
         raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"{filename}: image is too large to decode safely") from exc
     except Exception as exc:
         # Everything in this block is Pillow reading untrusted bytes: a malformed file can make it raise
-        # almost anything (struct.error, TypeError, ...), and each is the client's bad file, not a 500.
+        # almost anything (struct.error, TypeError, ...), and each is the client's bad file, not a server error.
         raise UnsupportedImage(f"{filename}: not a readable image ({type(exc).__name__})") from exc
+    return _fit(image, spec)
+
+
+def convert_array(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 NHWC arrays (a built-in data set) to `spec`, through the same conversion and resize as decoded files."""
+    if images.shape[1:] == spec.shape:
+        return images
+    out = np.empty((len(images), *spec.shape), dtype=np.uint8)
+    for i, array in enumerate(images):
+        image = Image.fromarray(array[:, :, 0] if array.shape[-1] == 1 else array, mode="L" if array.shape[-1] == 1 else "RGB")
+        out[i] = _fit(_to_mode(image, spec.color_mode), spec)
+    return out
+
+
+def _fit(image: Image.Image, spec: InputSpec) -> np.ndarray:
     if image.size != (spec.width, spec.height):
         image = image.resize((spec.width, spec.height), resample=_RESAMPLE[spec.resize_method])
     array = np.asarray(image, dtype=np.uint8)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.artifact import ModelMetadata
-from service.errors import ImageTooLarge, UnsupportedImage
-from service.imaging import decode_image
+from kos_core.artifact import InputSpec
+from kos_core.errors import ImageTooLarge, UnsupportedImage
+from kos_core.imaging import decode_image
 
-RGB32 = ModelMetadata(name="rgb", labels=["a", "b"], height=32, width=32, channels=3, color_mode="rgb", architecture="t", dataset="t")
-GREY8 = ModelMetadata(name="g", labels=["a", "b"], height=8, width=8, channels=1, color_mode="grayscale", architecture="t", dataset="t")
+RGB32 = InputSpec(32, 32, "rgb")
+GREY8 = InputSpec(8, 8, "grayscale")
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -34,14 +34,18 @@ def base_rgb(size: tuple[int, int] = (40, 30)) -> Image.Image:
     return Image.fromarray(array, mode="RGB")
 
 
-def reference(image: Image.Image, spec: ModelMetadata) -> np.ndarray:
+def reference(image: Image.Image, spec: InputSpec) -> np.ndarray:
     """What training sees: Keras-style convert then bilinear resize, no aspect preservation."""
-    converted = image.convert("L" if spec.color_mode == "grayscale" else "RGB").resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    converted = image.convert("L" if spec.color_mode == "grayscale" else "RGB").resize(
+        (spec.width, spec.height), Image.Resampling.BILINEAR
+    )
     array = np.asarray(converted)
     return array[:, :, None] if array.ndim == 2 else array
 
 
-@pytest.mark.parametrize("fmt, options", [("PNG", {}), ("BMP", {}), ("TIFF", {}), ("WEBP", {"lossless": True}), ("JPEG", {"quality": 95})])
+@pytest.mark.parametrize(
+    "fmt, options", [("PNG", {}), ("BMP", {}), ("TIFF", {}), ("WEBP", {"lossless": True}), ("JPEG", {"quality": 95})]
+)
 def test_every_format_decodes_to_what_training_would_see(fmt, options):
     data = encode(base_rgb(), fmt, **options)
     got = decode_image(data, f"x.{fmt.lower()}", RGB32, 10**7)
@@ -105,7 +109,9 @@ def test_exif_orientation_is_applied():
 
 
 def test_a_large_jpeg_is_decoded_at_reduced_scale_close_to_a_full_decode():
-    big = Image.fromarray(np.kron(np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8), np.ones((100, 100, 1), dtype=np.uint8)))
+    big = Image.fromarray(
+        np.kron(np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8), np.ones((100, 100, 1), dtype=np.uint8))
+    )
     data = encode(big, "JPEG", quality=90)  # 4000x3000
     started = time.perf_counter()
     got = decode_image(data, "photo.jpg", RGB32, 10**8)
@@ -138,7 +144,7 @@ def test_a_decompression_bomb_is_refused_from_its_header_before_decoding():
 
 
 def test_a_pixel_limit_above_pillows_own_is_the_one_that_governs(monkeypatch):
-    from service.imaging import allow_images_up_to
+    from kos_core.imaging import allow_images_up_to
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
     allow_images_up_to(200_000_000)
