@@ -18,6 +18,7 @@ from kos_core.imaging import allow_images_up_to
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import BodySizeLimit, PredictMetrics
+from .page import router as page_router
 from .registry import Registry
 from .routes import protected, require_api_key, router
 from .runtime import Device, resolve_device
@@ -68,6 +69,7 @@ def create_app(settings: Settings, device: Device | None = None) -> FastAPI:
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(page_router)
     app.include_router(protected, dependencies=[Depends(require_api_key)] if settings.api_key else None)
     # The last added runs first: CORS answers pre-flights and decorates every answer, metrics see
     # every status (413 included), the size limit sits right in front of the body parser.
