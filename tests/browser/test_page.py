@@ -281,9 +281,10 @@ def test_a_phone_width_screen_needs_no_sideways_scrolling(browser, bundled_serve
 def test_a_screenshot_of_the_page_with_results(page, bundled_server, tmp_path):
     """Set KOS_PAGE_SCREENSHOT=docs/page.png to write the README's picture."""
     open_page(page, bundled_server)
-    page.locator("#files").set_input_files(DIGIT_FILES)
+    page.locator("#files").set_input_files(sorted(DIGIT_FILES, key=lambda path: DIGIT_OF[path.stem]))
     wait_for_results(page, 10)
     expect(page.locator(".result.done")).to_have_count(10)
+    expect(page.locator(".result .filename")).to_have_text([f"{word}.png" for word in WORDS])
     target = Path(os.environ.get("KOS_PAGE_SCREENSHOT") or tmp_path / "page.png")
     page.screenshot(path=str(target), full_page=True)
     with Image.open(target) as shot:
