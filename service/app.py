@@ -17,6 +17,7 @@ from .dataplane import DataPlane
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import BodySizeLimit, PredictionGate
+from .page import router as page_router
 from .registry import Registry
 from .routes import protected, require_api_key, router
 from .runtime import Device
@@ -66,6 +67,7 @@ def create_app(settings: Settings, device: Device) -> FastAPI:
     app.state.dataplane = dataplane
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(page_router)
     app.include_router(protected, dependencies=[Depends(require_api_key)] if settings.api_key else None)
     # The last added runs first: CORS answers pre-flights and decorates every answer, the gate refuses
     # early and sees every status (413 included), the size limit sits right in front of the body parser.

@@ -78,6 +78,7 @@ def _info(m: ServedModel) -> ModelInfo:
         architecture=meta.architecture if meta else None,
         dataset=meta.dataset if meta else None,
         metrics=meta.metrics if meta else None,
+        parity=meta.parity if meta else None,
     )
 
 
