@@ -36,8 +36,10 @@ async def test_an_app_built_from_its_own_settings_loads_serves_and_drains_in_its
     # Ten images with batches of at most four: the request spanned at least three batches.
     assert metric_value(metrics, "kos_batch_size_count", model="digits") >= 3
     assert metric_value(metrics, "kos_images_total", model="digits") == 10
-    served = app.state.registry.get("digits")
-    assert served.batcher is not None and served.batcher._closing, "the lifespan's end closes the batchers"
+    served = app.state.registry.models["digits"][1]
+    assert served.state == "closed" and served.batcher is None and served.session is None, (
+        "the lifespan's end drains the batchers and frees the sessions"
+    )
     assert np.isfinite([p["probability"] for p in r.json()["predictions"]]).all()
 
 
@@ -59,6 +61,35 @@ async def test_a_broken_replacement_is_refused_and_a_removed_version_is_unloaded
     assert await registry.refresh() == ["digits v1: removed"]
     with pytest.raises(ModelNotFound):
         registry.get("digits")
+    await registry.close()
+
+
+async def test_a_swapped_out_version_frees_its_session_at_once_not_when_the_garbage_collector_runs(tmp_path, exported):
+    import gc
+    import weakref
+
+    repository = make_repository(tmp_path / "models", {"digits": exported["digits"]})
+    metrics = Metrics()
+    registry = Registry(Settings(repository=repository, watch_interval_s=0), resolve_device("cpu"), metrics)
+    registry.load_all()
+    registry.start()
+    old = registry.get("digits")
+    session = weakref.ref(old.session)
+    replacement = tmp_path / "replacement.onnx"
+    shutil.copyfile(model_path(repository, "digits", 1), replacement)
+    gc.disable()  # only reference counting may free it
+    try:
+        os.replace(replacement, model_path(repository, "digits", 1))
+        assert await registry.refresh() == ["digits v1: replaced (ready)"]
+        assert session() is None, "the old session outlived the swap"
+        assert old.state == "closed" and old.batcher is None
+    finally:
+        gc.enable()
+    shutil.rmtree(repository / "digits")
+    await registry.refresh()
+    await registry.refresh()
+    text = metrics.render().decode()
+    assert 'model="digits"' not in text, "an unloaded model leaves no metric series behind"
     await registry.close()
 
 
