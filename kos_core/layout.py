@@ -25,6 +25,11 @@ def model_path(repository: Path, name: str, version: int, precision: str = "floa
     return repository / name / str(version) / PRECISION_FILENAMES[precision]
 
 
+def model_settings_path(repository: Path, name: str) -> Path:
+    """The optional settings file of model `name`, beside its version folders."""
+    return repository / name / MODEL_SETTINGS_FILE
+
+
 def served_file(repository: Path, name: str, version: int, precision: str = "float32") -> Path:
     """The file to serve for `precision`: its variant when the version folder holds one, else model.onnx."""
     preferred = model_path(repository, name, version, precision)

@@ -136,7 +136,7 @@ class DataPlane:
             spec = served.metadata.input_spec  # type: ignore[union-attr]
             decoders = [functools.partial(decode, image, spec, max_pixels) for image in files]
             try:
-                rows = await served.batcher.infer(decoders, deadline)  # type: ignore[union-attr]
+                rows = await served.batcher.infer(decoders, self._deadline(served, deadline))  # type: ignore[union-attr]
             except BatcherClosed:
                 continue
             return self._answer(served, rows, [image.filename for image in files])
@@ -158,11 +158,17 @@ class DataPlane:
             if len(images) == 0:
                 raise BadRequest("no images: the batch dimension is 0")
             try:
-                rows = await served.batcher.infer(images, deadline)  # type: ignore[union-attr]
+                rows = await served.batcher.infer(images, self._deadline(served, deadline))  # type: ignore[union-attr]
             except BatcherClosed:
                 continue
             return self._answer(served, rows, [f"image {i}" for i in range(len(images))])
         raise self._swapping(name)
+
+    def _deadline(self, served: ServedModel, deadline: float) -> float:
+        """Protocols set a request's deadline by the service's timeout; a model's own settings file may move it."""
+        if served.settings is None:
+            return deadline
+        return deadline + served.settings.request_timeout_s - self.settings.request_timeout_s
 
     def _swapping(self, name: str) -> InferenceFailed:
         return InferenceFailed(f"model {name!r} was replaced {_SWAP_RETRIES} times while this request waited; retry it")

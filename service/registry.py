@@ -19,11 +19,12 @@ import numpy as np
 import onnxruntime as ort
 
 from kos_core.artifact import INPUT_NAME, OUTPUT_NAME, PRECISION_FILENAMES, ModelMetadata
-from kos_core.layout import list_models, model_path, repository_problems, served_file
+from kos_core.layout import list_models, model_path, model_settings_path, repository_problems, served_file
 
 from .batcher import Batcher
 from .errors import ModelFailed, ModelNotFound, ModelNotReady
 from .metrics import Metrics
+from .model_settings import ModelSettingsError, model_settings, read_overrides
 from .runtime import Device, DeviceUnavailable, create_session, pad_size, warmup_batch_sizes
 from .settings import Settings
 
@@ -52,6 +53,10 @@ class ServedModel:
     batcher: Batcher | None = field(default=None, repr=False)
     # Loaded at start-up (True), or added to a running service by a repository scan (False).
     at_start: bool = True
+    # The service settings with this model's own settings file applied: what its sessions and batcher run with.
+    settings: Settings | None = field(default=None, repr=False)
+    # The keys the model's settings file set.
+    overrides: dict[str, object] = field(default_factory=dict)
 
     @property
     def precision(self) -> str | None:
@@ -150,7 +155,7 @@ def attach_lone_session(served: ServedModel, settings: Settings, device: Device)
 
 def load_model(name: str, version: int, path: Path, settings: Settings, device: Device) -> ServedModel:
     """Load, check and warm one model version (blocking); a failure is recorded in the returned state."""
-    served = ServedModel(name=name, version=version, path=path)
+    served = ServedModel(name=name, version=version, path=path, settings=settings)
     try:
         session = create_session(path, settings, device)
         metadata = ModelMetadata.from_metadata_props(session.get_modelmeta().custom_metadata_map)
@@ -197,24 +202,44 @@ class Registry:
 
     def _fingerprint(self, name: str, version: int) -> Fingerprint:
         repository, precision = self.settings.repository, self.settings.precision
-        files = dict.fromkeys([model_path(repository, name, version, precision), model_path(repository, name, version)])
+        # The model's settings file first: it may change which file `precision` serves.
+        files = dict.fromkeys(
+            [
+                model_settings_path(repository, name),
+                model_path(repository, name, version, precision),
+                model_path(repository, name, version),
+            ]
+        )
         return tuple(stamp(f) for f in files)
 
     def _load(self, name: str, version: int) -> ServedModel:
         """Load the file `precision` asks for; a missing or broken variant falls back to model.onnx, with a warning."""
         fp = self._fingerprint(name, version)
-        repository, precision = self.settings.repository, self.settings.precision
+        repository = self.settings.repository
+        settings_file = model_settings_path(repository, name)
+        try:
+            overrides = read_overrides(settings_file)
+            settings = model_settings(self.settings, overrides, f"{name}/{settings_file.name}")
+        except ModelSettingsError as exc:
+            log.error("could not load %s v%d: %s", name, version, exc)
+            served = ServedModel(name, version, model_path(repository, name, version), state="failed", error=str(exc))
+            served.fingerprint = fp
+            self.metrics.model_loads.labels(name, served.state).inc()
+            return served
+        if overrides:
+            log.info("%s v%d: settings from %s/%s: %s", name, version, name, settings_file.name, overrides)
+        precision = settings.precision
         path = served_file(repository, name, version, precision)
         if precision != "float32" and path.name != PRECISION_FILENAMES[precision]:
             log.warning("%s v%d has no %s variant: serving %s", name, version, precision, path.name)
-        served = load_model(name, version, path, self.settings, self.device)
+        served = load_model(name, version, path, settings, self.device)
         fallback = model_path(repository, name, version)
         if served.state == "failed" and path != fallback and fallback.is_file():
             log.warning(
                 "%s v%d: the %s variant failed to load (%s); serving %s", name, version, precision, served.error, fallback.name
             )
-            served = load_model(name, version, fallback, self.settings, self.device)
-        served.fingerprint = fp
+            served = load_model(name, version, fallback, settings, self.device)
+        served.fingerprint, served.overrides = fp, overrides
         self.metrics.model_loads.labels(name, served.state).inc()
         return served
 
@@ -235,7 +260,7 @@ class Registry:
     def _attach_batcher(self, served: ServedModel) -> None:
         if served.state != "ready" or served.batcher is not None:
             return
-        settings = self.settings
+        settings = served.settings or self.settings
         max_batch = settings.max_batch_size
         served.batcher = Batcher(
             served.run,

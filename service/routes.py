@@ -28,6 +28,7 @@ from .errors import (
 )
 from .metrics import CONTENT_TYPE
 from .middleware import ARRIVAL_KEY
+from .model_settings import in_force
 from .registry import Registry, ServedModel
 from .schemas import ClassScore, DeviceInfo, HealthResponse, ModelHealth, ModelInfo, ModelsResponse, Prediction, PredictResponse
 
@@ -79,6 +80,8 @@ def _info(m: ServedModel) -> ModelInfo:
         dataset=meta.dataset if meta else None,
         metrics=meta.metrics if meta else None,
         parity=meta.parity if meta else None,
+        settings=in_force(m.settings) if m.settings else None,
+        settings_from_file=sorted(m.overrides),
     )
 
 

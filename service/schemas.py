@@ -69,6 +69,15 @@ class ModelInfo(BaseModel):
         description="Export's check that onnxruntime agrees with Keras on held-out images.",
         examples=[{"images": 270, "max_abs_difference": 1.2e-06, "top1_agreement": 1.0, "passed": True}],
     )
+    settings: dict[str, int | float | bool | str] | None = Field(
+        None,
+        description="The batching, runtime and deadline settings this version runs with: the service's, "
+        "with the model's own settings.toml applied.",
+        examples=[{"max_batch_size": 16, "max_batch_delay_ms": 2.0, "queue_size": 512, "inference_workers": 2}],
+    )
+    settings_from_file: list[str] = Field(
+        [], description="The settings that the model's settings.toml set.", examples=[["max_batch_size"]]
+    )
 
 
 class ModelsResponse(BaseModel):
