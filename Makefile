@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make serve   install the serving stack in $(VENV) and serve $(REPOSITORY)/ at http://$(HOST):$(PORT) (the page at /, Swagger UI at /docs)"
 	@echo "make test    install everything (training, export, tests) in $(VENV) and run the whole test suite"
-	@echo "make lint    ruff (lint and format check) and the package layer contracts"
+	@echo "make lint    ruff (lint and format check), mypy (strict on kos_core and service) and the package layer contracts"
 	@echo "make models  retrain and re-export the bundled digits model from its fixed seed"
 
 $(BIN)/python:
@@ -37,10 +37,12 @@ serve: $(VENV)/.installed-serve
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Lint and format check, and the package layers (the core imports no framework, the service no TensorFlow).
+# Lint and format check, types (strict on the core and the service), and the package layers (the core
+# imports no framework, the service no TensorFlow).
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 models: $(VENV)/.installed-dev

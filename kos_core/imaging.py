@@ -83,7 +83,7 @@ def decode_image(data: bytes, filename: str, spec: InputSpec, max_pixels: int) -
     """
     try:
         # open() reads the header only: the size is checked before a single pixel is decoded.
-        image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data))
         if image.format not in SUPPORTED_FORMATS and image.format not in JPEG_FORMATS:
             raise UnsupportedImage(
                 f"{filename}: {image.format} images are not supported; send one of {', '.join(SUPPORTED_FORMATS)}"

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -50,14 +51,18 @@ class _ModelRaised(Exception):
 @dataclass(eq=False)
 class _Item:
     image: np.ndarray
-    future: asyncio.Future
+    future: asyncio.Future[np.ndarray]
     deadline: float
     enqueued: float
     started: bool = False
     settled: bool = False  # no longer counted as waiting: started, or its request is answered or gone
 
 
-_STOP = object()
+class _Stop:
+    """The mark that tells the gathering loop to end, queued behind the last item."""
+
+
+_STOP = _Stop()
 _ANNOUNCED_WAIT_S = 10.0
 
 
@@ -104,7 +109,9 @@ class Batcher:
         self._pad_to = pad_to
         self._decode_pool = decode_pool
         self._clock = clock
-        self._queue: asyncio.Queue = asyncio.Queue()  # bounded by `queue_size` in submit(), so the stop mark always fits
+        self._queue: asyncio.Queue[_Item | _Stop] = (
+            asyncio.Queue()
+        )  # bounded by `queue_size` in submit(), so the stop mark always fits
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"infer-{name}-{version}")
         self._slots = asyncio.Semaphore(workers)  # batches and lone runs alike: one per inference thread
         self._waiting = 0  # queued images not started and not given up
@@ -112,8 +119,8 @@ class Batcher:
         self._no_incoming = asyncio.Event()
         self._no_incoming.set()
         self._closing = False
-        self._task: asyncio.Task | None = None
-        self._running: set[asyncio.Future] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Future[Any]] = set()
         self._alone = 0  # requests on the lone path right now
         self._seconds_per_image = 0.01  # running estimate, for Retry-After
         self._closed_series = False
@@ -250,8 +257,12 @@ class Batcher:
                     self._settle(item)
             raise
 
-    def _settle_callback(self, item: _Item) -> Callable[[asyncio.Future], None]:
-        def settled(future: asyncio.Future) -> None:
+    def _slot_freed(self, future: asyncio.Future[Any]) -> None:
+        self._running.discard(future)
+        self._slots.release()
+
+    def _settle_callback(self, item: _Item) -> Callable[[asyncio.Future[np.ndarray]], None]:
+        def settled(future: asyncio.Future[np.ndarray]) -> None:
             if not future.cancelled():
                 future.exception()  # a future resolved after its request gave up must not log "never retrieved"
             self._settle(item)
@@ -267,8 +278,8 @@ class Batcher:
     async def _wait(self, items: list[_Item], deadline: float) -> np.ndarray:
         pending = {item.future for item in items}
         while pending:
-            remaining = deadline - self._clock()
-            if remaining <= 0:
+            remaining: float | None = deadline - self._clock()
+            if remaining is not None and remaining <= 0:
                 unstarted = [item for item in items if not item.started and not item.future.done()]
                 if unstarted:
                     self._count_expired(len(unstarted))
@@ -321,7 +332,7 @@ class Batcher:
                 raise
             # The slot is the thread's: it is given back when the run ends, even if the request is gone before.
             self._running.add(future)
-            future.add_done_callback(lambda f: (self._running.discard(f), self._slots.release()))
+            future.add_done_callback(self._slot_freed)
             images, rows, elapsed = await asyncio.shield(future)
         except _ModelRaised as failure:
             log.error("inference failed for %s v%d on one request run alone", self.name, self.version, exc_info=failure.__cause__)
@@ -387,18 +398,18 @@ class Batcher:
                 await asyncio.sleep(0.05)
 
     def _drain_queue(self) -> list[_Item]:
-        items = []
+        items: list[_Item] = []
         while True:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 return items
-            if item is _STOP:
+            if isinstance(item, _Stop):
                 self._queue.put_nowait(_STOP)  # keep the stop mark for the restarted loop
                 return items
             items.append(item)
 
-    async def _next_live(self, wait_s: float | None) -> _Item | object | None:
+    async def _next_live(self, wait_s: float | None) -> _Item | _Stop | None:
         """The next queued item whose request still waits, the stop mark, or None at the timeout."""
         while True:
             try:
@@ -410,13 +421,13 @@ class Batcher:
                     item = await asyncio.wait_for(self._queue.get(), wait_s) if wait_s is not None else await self._queue.get()
                 except TimeoutError:
                     return None
-            if item is _STOP or not item.future.done():
+            if isinstance(item, _Stop) or not item.future.done():
                 return item
 
     async def _gather_loop(self, batch: list[_Item]) -> None:
         while True:
             first = await self._next_live(None)
-            if first is _STOP:
+            if not isinstance(first, _Item):
                 return
             batch.append(first)
             await self._slots.acquire()
@@ -431,7 +442,7 @@ class Batcher:
                     item = await self._next_live(remaining if may_wait else 0)
                     if item is None:
                         break
-                    if item is _STOP:
+                    if isinstance(item, _Stop):
                         stopping = True
                         break
                     batch.append(item)

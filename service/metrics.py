@@ -55,7 +55,7 @@ class Metrics:
         self.model_loads = Counter("kos_model_loads", "Model version loads, by outcome.", ["model", "outcome"], registry=r)
 
     @property
-    def _by_model(self) -> list:
+    def _by_model(self) -> list[Counter | Gauge | Histogram]:
         return [m for m in vars(self).values() if isinstance(m, Counter | Gauge | Histogram) and "model" in m._labelnames]
 
     def observe_request(self, model: str, status: int, protocol: str, seconds: float) -> None:

@@ -69,13 +69,15 @@ class ServedModel:
     def run(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities for a uint8 NHWC batch; blocking, call it off the event loop."""
         assert self.session is not None
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+        probabilities: np.ndarray = self.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+        return probabilities
 
     def run_lone(self, images: np.ndarray) -> np.ndarray:
         """Like `run`, on the lone-request session when there is one."""
         session = self.lone_session or self.session
         assert session is not None
-        return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+        probabilities: np.ndarray = session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+        return probabilities
 
     async def close(self) -> None:
         """Drain the batcher (queued images and lone runs finish), then release the sessions at once.
@@ -141,6 +143,7 @@ def attach_lone_session(served: ServedModel, settings: Settings, device: Device)
         served.lone_session = create_session(
             served.path, settings, device, intra_op_threads=settings.lone_request_threads, spinning=True
         )
+        assert served.metadata is not None, "attached after the batch session loaded"
         warm_up(served.run_lone, 1, served.metadata)
     except Exception as exc:
         served.lone_session = None

@@ -59,7 +59,8 @@ protected = APIRouter()
 
 
 def _registry(request: Request) -> Registry:
-    return request.app.state.registry
+    registry: Registry = request.app.state.registry
+    return registry
 
 
 def _info(m: ServedModel) -> ModelInfo:

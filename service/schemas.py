@@ -31,7 +31,7 @@ class PredictResponse(BaseModel):
 class ModelHealth(BaseModel):
     name: str
     version: int
-    state: Literal["loading", "ready", "failed"]
+    state: Literal["loading", "ready", "failed", "closed"]
     providers: list[str] = Field(
         description="Execution providers the session really runs on.", examples=[["CPUExecutionProvider"]]
     )
@@ -52,7 +52,7 @@ class HealthResponse(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     version: int
-    state: Literal["loading", "ready", "failed"]
+    state: Literal["loading", "ready", "failed", "closed"]
     error: str | None = None
     providers: list[str] = []
     file: str = Field(description="The file served, inside its version folder.", examples=["model.int8.onnx"])
