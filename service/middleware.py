@@ -136,6 +136,7 @@ class PredictionGate:
         name, version, protocol = route
         label = name if name in self.dataplane.registry.models else "_unknown"
         status = 0
+        gone = False  # the client hung up before the answer: whatever the app made of the cut body, it is a 499
         started = time.perf_counter()
 
         async def recording_send(message: Message) -> None:
@@ -144,6 +145,13 @@ class PredictionGate:
                 status = message["status"]
             await send(message)
 
+        async def watching_receive() -> Message:
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and not status:
+                gone = True
+            return message
+
         self.metrics.in_progress.inc()
         try:
             refusal = self._refusal(scope, name, version, protocol)
@@ -151,13 +159,13 @@ class PredictionGate:
                 await refusal(scope, receive, recording_send)
                 await _discard_body(receive)
             else:
-                await self.app(scope, receive, recording_send)
+                await self.app(scope, watching_receive, recording_send)
         except (ClientDisconnect, asyncio.CancelledError):
-            status = status or 499  # the client went away before an answer: not a server error
+            gone = gone or not status
             raise
         finally:
             self.metrics.in_progress.dec()
-            self.metrics.observe_request(label, status or 500, protocol, time.perf_counter() - started)
+            self.metrics.observe_request(label, 499 if gone else status or 500, protocol, time.perf_counter() - started)
 
     def _refusal(self, scope: Scope, name: str, version: int | None, protocol: str) -> Response | None:
         if scope.get("method") != "POST" or not self._authorised(scope):

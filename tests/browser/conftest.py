@@ -27,7 +27,9 @@ CHROMIUM_ARGS = [
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-@pytest.fixture(scope="session")
+# Module scope: the sync API keeps an event loop running in this thread while it is open, which
+# would stop the asyncio tests that run after the browser tests.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     """Debian's Chromium under Playwright; the browser tests skip, saying why, where either is missing."""
     if not CHROMIUM.is_file():

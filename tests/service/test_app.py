@@ -251,3 +251,27 @@ def test_the_openapi_document_shows_the_api_key_schemes_only_when_a_key_is_confi
     schemes = keyed_app.openapi()["components"]["securitySchemes"]
     assert {s["type"] for s in schemes.values()} == {"apiKey", "http"}
     assert keyed_app.openapi()["paths"]["/predict/{model}"]["post"]["security"]
+
+
+async def test_a_request_over_its_pixel_budget_is_413_and_a_memory_error_503_and_nothing_runs(tmp_path, exported, monkeypatch):
+    repository = make_repository(tmp_path, {"digits": exported["digits"]})
+    # Each 100x100 image is within the per-image limit; three of them are over the request's budget.
+    settings = Settings(repository=repository, watch_interval_s=0, max_request_pixels=25_000)
+    app = create_app(settings, resolve_device("cpu"))
+    big = png_bytes(np.zeros((100, 100), np.uint8))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            r = await client.post("/predict/digits", files=[("files", (f"b{i}.png", big, "image/png")) for i in range(3)])
+            assert r.status_code == 413 and "25000 pixels per request" in r.json()["detail"], r.text
+            import service.dataplane
+
+            def exhausted(*args, **kwargs):
+                raise MemoryError
+
+            monkeypatch.setattr(service.dataplane, "decode_image", exhausted)  # what decode_image lets through
+            r = await client.post("/predict/digits", files=[("files", ("b.png", big, "image/png"))])
+            assert r.status_code == 503 and "ran out of memory" in r.json()["detail"] and "Retry-After" in r.headers
+            monkeypatch.undo()
+            assert (await client.post("/predict/digits", files=[("files", ("b.png", big, "image/png"))])).status_code == 200
+            metrics = (await client.get("/metrics")).text
+    assert metric_value(metrics, "kos_images_total", model="digits") == 1, "only the last request ran"
