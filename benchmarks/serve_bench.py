@@ -359,7 +359,11 @@ async def grpc_load(target: str, requests: list[bytes], concurrency: int, second
     """`concurrency` callers, each on its own connection, sending pre-serialised requests back to back."""
     import grpc
 
-    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    options = [
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.max_receive_message_length", -1),
+        ("grpc.max_send_message_length", -1),
+    ]
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(concurrency)]
     # No (de)serialisers: bytes go out as they are and answers are not parsed, as wrk sends prepared bodies.
     calls = [channel.unary_unary(GRPC_METHOD) for channel in channels]

@@ -1,10 +1,9 @@
 """`inference.GRPCInferenceService` on grpcio's asyncio server, in the HTTP server's process and event loop.
 
-The message definitions and the servicer base are the generated modules that tritonclient ships
-(Triton's grpc_service.proto and model_config.proto, kept by Triton's maintainers). They are the
-very definitions tritonclient.grpc calls with, so server and client cannot drift apart, and they
-include ModelConfig, which KServe's grpc_predict_v2.proto lacks; generating our own copy would mean
-keeping a vendored .proto and generated code in step with grpcio and protobuf by hand.
+The messages and the service's method names come from Triton's grpc_service.proto and
+model_config.proto (proto/README.md says from where), the definitions tritonclient.grpc calls with,
+ModelConfig included. The RPCs served here are registered under the service's own name; any other
+of its RPCs (shared memory, repository control, statistics, streaming) answers UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -20,9 +19,6 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from google.protobuf import json_format
-from tritonclient.grpc import model_config_pb2 as mc
-from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from ..dataplane import DataPlane
 from ..errors import ServiceError, ServiceUnavailable, Unauthorized
@@ -40,8 +36,9 @@ from .codec import (
     tensor_from_values,
 )
 from .errors import InvalidInput, grpc_code, rest_status
-from .health import liveness_problem
+from .health import liveness, readiness
 from .inference import infer
+from .messages import SERVICE, messages
 from .metadata import model_config, model_metadata, server_metadata
 
 log = logging.getLogger(__name__)
@@ -66,12 +63,12 @@ _CONTENTS = {
 Reply = TypeVar("Reply")
 
 
-def _parameter(value: pb.InferParameter) -> Any:
+def _parameter(value: Any) -> Any:
     choice = value.WhichOneof("parameter_choice")
     return getattr(value, choice) if choice else None
 
 
-def _input_tensor(index: int, tensor: pb.ModelInferRequest.InferInputTensor, raw: list[bytes]) -> Tensor:
+def _input_tensor(index: int, tensor: Any, raw: list[bytes]) -> Tensor:
     name = tensor.name
     datatype = check_datatype(name, tensor.datatype)
     shape = check_shape(name, list(tensor.shape))
@@ -87,7 +84,7 @@ def _input_tensor(index: int, tensor: pb.ModelInferRequest.InferInputTensor, raw
     return tensor_from_array(name, datatype, shape, np.asarray(values), parameters)
 
 
-def parse_grpc_request(request: pb.ModelInferRequest) -> InferRequest:
+def parse_grpc_request(request: Any) -> InferRequest:
     """An InferRequest from a ModelInferRequest: raw_input_contents (one per input) or typed contents."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
@@ -113,8 +110,8 @@ def parse_grpc_request(request: pb.ModelInferRequest) -> InferRequest:
     )
 
 
-def infer_response(answer_model: str, version: int, request_id: str | None, outputs) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=answer_model, model_version=str(version), id=request_id or "")
+def infer_response(answer_model: str, version: int, request_id: str | None, outputs) -> Any:
+    response = messages().ModelInferResponse(model_name=answer_model, model_version=str(version), id=request_id or "")
     for tensor, _ in outputs:
         response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
         response.raw_output_contents.append(raw_bytes(tensor))
@@ -148,13 +145,13 @@ def _guarded(
     return guarded
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer:
     """The v2 RPCs over the same data plane as REST and /predict."""
 
-    def __init__(self, dataplane: DataPlane, api_key: str | None, state: Any = None):
+    def __init__(self, dataplane: DataPlane, api_key: str | None, state: Any):
         self.dataplane = dataplane
         self.api_key = api_key
-        self.state = state  # the app's state, where a liveness check may be
+        self.state = state  # the app's state: its data plane, and its liveness and readiness checks when it has them
 
     def _authorise(self, context: grpc.aio.ServicerContext) -> None:
         if not self.api_key:
@@ -167,49 +164,45 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if given is None or not hmac.compare_digest(str(given).encode(), self.api_key.encode()):
             raise Unauthorized("missing or wrong API key: send it in the x-api-key metadata or as a Bearer authorization")
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=await liveness_problem(self.state) is None)
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return messages().ServerLiveResponse(live=(await liveness(self.state))[0])
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.dataplane.ready())
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return messages().ServerReadyResponse(ready=(await readiness(self.state))[0])
 
-    async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ServerMetadataResponse:
-        return json_format.ParseDict(server_metadata(), pb.ServerMetadataResponse())
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return json_format.ParseDict(server_metadata(), messages().ServerMetadataResponse())
 
     @_guarded
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._authorise(context)
         try:
             self.dataplane.served(request.name, _version(request.version))
         except ServiceError as exc:
             if exc.status_code != 503:
                 raise  # an unknown model or version is NOT_FOUND, as on REST
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+            return messages().ModelReadyResponse(ready=False)
+        return messages().ModelReadyResponse(ready=True)
 
     @_guarded
-    async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._authorise(context)
         served = self.dataplane.served(request.name, _version(request.version))
         versions = [m.version for m in self.dataplane.registry.versions(request.name) if m.state == "ready"]
         body = model_metadata(served, versions)
         body.pop("parameters")  # the message has no such field; ModelConfig's parameters carry the same
-        return json_format.ParseDict(body, pb.ModelMetadataResponse())
+        return json_format.ParseDict(body, messages().ModelMetadataResponse())
 
     @_guarded
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._authorise(context)
         served = self.dataplane.served(request.name, _version(request.version))
         settings = getattr(served, "settings", None) or self.dataplane.settings
         config = model_config(served, settings, self.dataplane.registry.device.is_cuda)
-        return pb.ModelConfigResponse(config=json_format.ParseDict(config, mc.ModelConfig()))
+        return messages().ModelConfigResponse(config=json_format.ParseDict(config, messages().ModelConfig()))
 
     @_guarded
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         started, arrival = time.perf_counter(), time.monotonic()
         metrics = self.dataplane.metrics
         # Client-chosen names stay out of the label set, as on HTTP: unknown ones share one label.
@@ -230,9 +223,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             metrics.in_progress.dec()
             metrics.observe_request(label, status, PROTOCOL, time.perf_counter() - started)
 
-    async def _infer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, arrival: float
-    ) -> pb.ModelInferResponse:
+    async def _infer(self, request: Any, context: grpc.aio.ServicerContext, arrival: float) -> Any:
         self._authorise(context)
         version = _version(request.model_version)
         self.dataplane.admit(request.model_name, version, 1)
@@ -248,11 +239,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return infer_response(answer.model, answer.version, infer_request.id, answer.outputs)
 
 
+# The RPCs answered here; the service's others are left to grpc, which answers UNIMPLEMENTED.
+RPCS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelInfer")
+
+
+def _handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """The servicer's RPCs under the service's name, each (de)serialising the message types the .proto gives it."""
+    protocol = messages()
+    handlers = {}
+    for method in protocol.service.methods:
+        if method.name not in RPCS:
+            continue
+        request = getattr(protocol, method.input_type.name)
+        response = getattr(protocol, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
 def grpc_max_message_bytes(settings: Settings) -> int:
     return settings.grpc_max_message_bytes or settings.max_upload_bytes
 
 
-def create_grpc_server(dataplane: DataPlane, settings: Settings, state: Any = None) -> tuple[grpc.aio.Server, int]:
+def create_grpc_server(dataplane: DataPlane, settings: Settings, state: Any) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server bound to settings.host:grpc_port (call from the running loop); the port it got."""
     limit = grpc_max_message_bytes(settings)
     server = grpc.aio.server(
@@ -262,7 +274,7 @@ def create_grpc_server(dataplane: DataPlane, settings: Settings, state: Any = No
             ("grpc.so_reuseport", 0),  # a second service on the same port must fail to start, not share it
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane, settings.api_key, state), server)
+    server.add_generic_rpc_handlers((_handlers(InferenceServicer(dataplane, settings.api_key, state)),))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     port = server.add_insecure_port(f"{host}:{settings.grpc_port}")
     if port == 0:

@@ -32,7 +32,7 @@ from ..errors import (
 from ..middleware import ARRIVAL_KEY
 from .codec import HEADER_LENGTH, encode_rest_response, parse_rest_request, split_body
 from .errors import InvalidInput, rest_status
-from .health import liveness_problem
+from .health import liveness, readiness
 from .inference import infer
 from .metadata import model_config, model_metadata, server_metadata
 from .schemas import (
@@ -124,8 +124,8 @@ async def server_metadata_route() -> JSONResponse:
     responses={503: {"model": V2Error, "description": "The process does not work (its liveness check failed)."}},
 )
 async def server_live(request: Request) -> JSONResponse:
-    problem = await liveness_problem(request.app.state)
-    if problem:
+    live, problem = await liveness(request.app.state)
+    if not live:
         return JSONResponse({"live": False, "error": problem}, status_code=503)
     return JSONResponse({"live": True})
 
@@ -137,8 +137,10 @@ async def server_live(request: Request) -> JSONResponse:
     responses={503: {"model": V2Ready, "description": "A model has no ready version, or none is served."}},
 )
 async def server_ready(request: Request) -> JSONResponse:
-    ready = request.app.state.dataplane.ready()
-    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+    ready, problem = await readiness(request.app.state)
+    if not ready:
+        return JSONResponse({"ready": False, "error": problem}, status_code=503)
+    return JSONResponse({"ready": True})
 
 
 def _metadata(request: Request, model: str, version: str | None) -> JSONResponse:

@@ -220,3 +220,9 @@ def test_no_grpc_when_its_port_is_zero(start_server, bundled_repository):
             client.is_server_live(client_timeout=2)
     finally:
         client.close()
+
+
+def test_an_rpc_of_the_service_not_served_here_is_unimplemented(stub):
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits"))
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
