@@ -46,7 +46,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 LUA = Path(__file__).resolve().parent / "multipart.lua"
 V2_LUA = Path(__file__).resolve().parent / "v2.lua"
-PROTOCOLS = ("multipart", "v2-jpeg", "v2-uint8", "grpc-u8")
+# The service over each protocol, beside multipart ("service"): what the v2 comparison lines read.
+V2_TARGETS = ("v2-jpeg", "v2-uint8", "grpc-u8")
 GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 TOP_K = 5
 MOBILENET_CLASSES = 1000
@@ -398,6 +399,56 @@ async def grpc_load(target: str, requests: list[bytes], concurrency: int, second
     }
 
 
+def v2_requests(name: str, path: Path, blobs: list[bytes], folder: Path) -> dict[str, Path]:
+    """Every v2 body, built once: REST binary with the JPEG as BYTES, REST binary UINT8, gRPC UINT8.
+
+    The UINT8 tensors are what a client that decodes and resizes itself would send: the model's
+    own input, decoded by the shared core exactly as the service decodes an upload.
+    """
+    import onnxruntime as ort
+
+    from kos_core.artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+    from kos_core.imaging import decode_image
+    from service.v2.codec import serialize_bytes
+    from service.v2.messages import messages
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = ModelMetadata.from_metadata_props(session.get_modelmeta().custom_metadata_map)
+    tensors = [decode_image(blob, "x.jpg", meta.input_spec, 40_000_000)[None] for blob in blobs]
+    outputs = [{"name": OUTPUT_NAME, "parameters": {"classification": TOP_K}}]
+    folder.mkdir(parents=True, exist_ok=True)
+    manifests = {}
+    for protocol, datatype, payloads in (
+        ("v2-jpeg", "BYTES", [serialize_bytes([blob]) for blob in blobs]),
+        ("v2-uint8", "UINT8", [tensor.tobytes() for tensor in tensors]),
+    ):
+        lines = []
+        for i, (payload, tensor) in enumerate(zip(payloads, tensors)):
+            shape = [1] if datatype == "BYTES" else list(tensor.shape)
+            tensor_header = {
+                "name": INPUT_NAME,
+                "datatype": datatype,
+                "shape": shape,
+                "parameters": {"binary_data_size": len(payload)},
+            }
+            header = json.dumps({"inputs": [tensor_header], "outputs": outputs}).encode()
+            body = folder / f"{protocol}-{i}.bin"
+            body.write_bytes(header + payload)
+            lines.append(f"{len(header)} {body}")
+        manifests[protocol] = folder / f"{protocol}.txt"
+        manifests[protocol].write_text("\n".join(lines) + "\n")
+    protocol = messages()
+    serialised = []
+    for tensor in tensors:
+        request = protocol.ModelInferRequest(model_name=name, raw_input_contents=[tensor.tobytes()])
+        request.inputs.add(name=INPUT_NAME, datatype="UINT8", shape=list(tensor.shape))
+        request.outputs.add(name=OUTPUT_NAME).parameters["classification"].int64_param = TOP_K
+        serialised.append(request.SerializeToString())
+    manifests["grpc-u8"] = folder / "grpc-u8.bin"
+    write_requests(manifests["grpc-u8"], serialised)
+    return manifests
+
+
 def load_test(
     targets: dict[str, Runner],
     concurrencies: list[int],
@@ -494,13 +545,16 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     tuned = []
     if "ceiling" in record and not args.untuned:
         tuned = service_setting(pipeline.setting, tried)
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
+    v2 = v2_requests(name, path, blobs, work / name / "v2")
     service = [
         sys.executable,
         "-m",
         "service",
         "--port",
         str(port),
+        "--grpc-port",
+        str(grpc_port),
         "--repository",
         str(repository),
         "--log-level",
@@ -513,7 +567,13 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     record["service_flags"] = service[3:]
     progress(f"{name}: starting the service ({' '.join(service[2:])})" + ("" if args.skip_naive else " and the naive endpoint"))
     processes = [start(service, port)]
-    targets = {"service": f"http://127.0.0.1:{port}/predict/{name}"}
+    infer = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
+    targets: dict[str, Runner] = {
+        "service": wrk_runner(f"http://127.0.0.1:{port}/predict/{name}", manifest, args.wrk_threads),
+        "v2-jpeg": wrk_runner(infer, v2["v2-jpeg"], args.wrk_threads, V2_LUA),
+        "v2-uint8": wrk_runner(infer, v2["v2-uint8"], args.wrk_threads, V2_LUA),
+        "grpc-u8": grpc_runner(f"127.0.0.1:{grpc_port}", v2["grpc-u8"]),
+    }
     try:
         if not args.skip_naive:
             naive_port = free_port()
@@ -523,8 +583,8 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
                     naive_port,
                 )
             )
-            targets["naive"] = f"http://127.0.0.1:{naive_port}/predict/{name}"
-        results, ceilings = load_test(targets, manifest, args.concurrency, args.duration, args.rounds, args.wrk_threads, pipeline)
+            targets["naive"] = wrk_runner(f"http://127.0.0.1:{naive_port}/predict/{name}", manifest, args.wrk_threads)
+        results, ceilings = load_test(targets, args.concurrency, args.duration, args.rounds, pipeline)
     finally:
         for process in processes:
             stop(process)
@@ -538,7 +598,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
 def print_table(records: list[dict]) -> None:
     print()
     print(
-        f"{'model':10s} {'target':8s} {'conc':>4s} {'img/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} {'wrk CPU':>8s} {'of ceiling':>10s}"
+        f"{'model':10s} {'target':8s} {'conc':>4s} {'img/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} {'load CPU':>8s} {'of ceiling':>10s}"
     )
     for record in records:
         ceiling = record.get("ceiling", {}).get("images_per_s")
@@ -564,6 +624,17 @@ def print_table(records: list[dict]) -> None:
                 f"  target 1: service at c=32 is {by[('service', 32)]['requests_per_s'] / alongside:.0%} of the ceiling "
                 f"measured in the same rounds, {alongside:.1f} img/s (goal >= 85%)"
             )
+        for c in sorted({r["concurrency"] for r in record["load"]}):
+            if ("service", c) not in by:
+                continue
+            base = by[("service", c)]
+            ratios = [
+                f"{t} {by[(t, c)]['requests_per_s'] / base['requests_per_s']:.2f}x img/s, p50 {by[(t, c)]['p50_ms'] - base['p50_ms']:+.2f} ms"
+                for t in V2_TARGETS
+                if (t, c) in by and base["requests_per_s"]
+            ]
+            if ratios:
+                print(f"  v2 against multipart at c={c}: " + "; ".join(ratios))
         if ("service", 1) in by and ("naive", 1) in by:
             gap = by[("service", 1)]["p50_ms"] - by[("naive", 1)]["p50_ms"]
             print(f"  target 2: service p50 at c=1 is {gap:+.2f} ms from the naive endpoint's (goal <= +2 ms)")
@@ -587,7 +658,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench-cache", help="where the MobileNetV2 export is kept")
     parser.add_argument("--json", type=Path, default=ROOT / "runs" / "serve_bench.json", help="where to write the figures")
     parser.add_argument("--build-mobilenet", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--grpc-load", nargs=4, metavar=("TARGET", "REQUESTS", "CONCURRENCY", "SECONDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.grpc_load:
+        target, requests, concurrency, seconds = args.grpc_load
+        print(json.dumps(asyncio.run(grpc_load(target, read_requests(Path(requests)), int(concurrency), float(seconds)))))
+        return
     if args.build_mobilenet:
         build_mobilenet(args.build_mobilenet)
         return
