@@ -7,6 +7,7 @@ import json
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
@@ -276,3 +277,23 @@ def test_openapi_documents_the_v2_routes_with_examples(bundled_server):
     for status in ("400", "404", "413", "503", "504"):
         assert status in infer["responses"], status
         assert "error" in next(iter(infer["responses"][status]["content"]["application/json"]["examples"].values()))["value"]
+
+
+def test_readiness_and_liveness_agree_with_health_on_both_transports(bundled_server, start_server, tmp_path):
+    broken = tmp_path / "broken"
+    (broken / "digits" / "1").mkdir(parents=True)
+    (broken / "digits" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    for server, ready in ((bundled_server, True), (start_server(broken), False)):
+        health = httpx.get(server.url + "/health")
+        v2_ready = httpx.get(server.url + "/v2/health/ready")
+        assert health.status_code == v2_ready.status_code == (200 if ready else 503)
+        assert v2_ready.json()["ready"] is ready
+        assert httpx.get(server.url + "/v2/health/live").json() == {"live": True}
+        grpc_client = grpcclient.InferenceServerClient(url=server.grpc_target)
+        try:
+            assert grpc_client.is_server_ready() is ready and grpc_client.is_server_live()
+        finally:
+            grpc_client.close()
+    # The failed model answers 503 in the protocol's shape, and runs nothing.
+    response = httpx.post(server.url + "/v2/models/digits/infer", json={"inputs": []})
+    assert response.status_code == 503 and "error" in response.json()
