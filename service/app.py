@@ -22,6 +22,8 @@ from .registry import Registry
 from .routes import protected, require_api_key, router
 from .runtime import Device
 from .settings import Settings
+from .v2 import rest as v2_rest
+from .v2.grpc_service import create_grpc_server
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,12 @@ DESCRIPTION = """Image classifiers trained with Keras, exported to ONNX, served 
 
 Upload images to `POST /predict/{model}` as `multipart/form-data` parts named `files`; concurrent
 requests are batched together. Every error answers JSON with a human-readable `detail`; a 503
-carries `Retry-After`."""
+carries `Retry-After`.
+
+The Open Inference Protocol (KServe v2 / Triton) is served beside it: `/v2/...` here (health,
+metadata, model configuration, infer with the binary tensor data and classification extensions;
+errors `{"error": ...}`), and the same over gRPC on its own port (`--grpc-port`). Standard clients
+such as tritonclient work unchanged."""
 
 
 def create_app(settings: Settings, device: Device) -> FastAPI:
@@ -46,6 +53,13 @@ def create_app(settings: Settings, device: Device) -> FastAPI:
         # Loading happens before the port opens, off the loop so the lifespan stays responsive.
         await asyncio.to_thread(registry.load_all)
         registry.start()
+        # The Open Inference Protocol's gRPC service: this process and event loop, so every protocol
+        # feeds the same batchers. Its port opens once the models are loaded, as the HTTP port does.
+        grpc_server = None
+        if settings.grpc_port:
+            grpc_server, grpc_port = create_grpc_server(dataplane, settings, app.state)
+            await grpc_server.start()
+            log.info("Open Inference Protocol over gRPC on %s:%d", settings.host, grpc_port)
         watcher = asyncio.create_task(registry.watch(settings.watch_interval_s)) if settings.watch_interval_s > 0 else None
         ready = sum(m.state == "ready" for m in registry.all())
         log.info("serving %d of %d model versions from %s", ready, len(registry.all()), settings.repository)
@@ -53,6 +67,9 @@ def create_app(settings: Settings, device: Device) -> FastAPI:
             yield
         finally:
             # uvicorn has stopped taking requests and waited for those in flight; queued images finish here.
+            if grpc_server is not None:
+                # No new calls from here; those in flight get up to the shutdown timeout to finish.
+                await grpc_server.stop(settings.shutdown_timeout_s)
             if watcher is not None:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -69,6 +86,8 @@ def create_app(settings: Settings, device: Device) -> FastAPI:
     app.include_router(router)
     app.include_router(page_router)
     app.include_router(protected, dependencies=[Depends(require_api_key)] if settings.api_key else None)
+    app.include_router(v2_rest.public)
+    app.include_router(v2_rest.models, dependencies=[Depends(require_api_key)] if settings.api_key else None)
     # The last added runs first: CORS answers pre-flights and decorates every answer, the gate refuses
     # early and sees every status (413 included), the size limit sits right in front of the body parser.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)

@@ -18,6 +18,14 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in a container).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="TCP port of the Open Inference Protocol's gRPC service, on the same host (0: no gRPC)."
+    )
+    grpc_max_message_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Largest gRPC message received or sent; beyond it a call gets RESOURCE_EXHAUSTED (unset: --max-upload-bytes).",
+    )
     repository: Path = Field(Path("models"), description="Model repository folder, holding NAME/VERSION/model.onnx.")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA when it really works, else CPU; cuda: refuse to start without CUDA; cpu."
@@ -65,7 +73,9 @@ class Settings(BaseSettings):
     )
     decode_workers: int = Field(0, ge=0, le=256, description="Threads that decode and resize uploads (0: one per CPU core).")
     api_key: str | None = Field(
-        None, description="When set, /predict and /models need it in the X-API-Key header (or Authorization: Bearer)."
+        None,
+        description="When set, /predict, /models and /v2/models need it in the X-API-Key header (or Authorization: Bearer), "
+        "and the gRPC model calls in x-api-key (or authorization) metadata.",
     )
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS, '*' for any; empty: CORS off.")
     watch_interval_s: float = Field(

@@ -19,6 +19,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_REPOSITORY = ROOT / "models"
 
+# An app a test builds in-process from Settings() serves no gRPC unless the test asks for a port:
+# at the default 8001, two test runs on one machine would fight over it. A flag wins over this.
+os.environ.setdefault("KOS_GRPC_PORT", "0")
+
 
 @pytest.fixture(scope="session")
 def bundled_repository() -> Path:
@@ -57,10 +61,24 @@ class LiveServer:
     def __init__(self, repository: Path, extra_args: list[str], env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Its own free gRPC port (the Open Inference Protocol); a --grpc-port in extra_args wins.
+        self.grpc_port = free_port()
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self._log = tempfile.NamedTemporaryFile(prefix=f"service-{self.port}-", suffix=".log", delete=False)
         self.log_path = Path(self._log.name)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--port", str(self.port), "--repository", str(repository), *extra_args],
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "--port",
+                str(self.port),
+                "--grpc-port",
+                str(self.grpc_port),
+                "--repository",
+                str(repository),
+                *extra_args,
+            ],
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,

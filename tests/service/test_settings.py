@@ -42,6 +42,8 @@ def test_every_setting_is_a_flag_that_reaches_the_settings():
     values = {
         "host": "0.0.0.0",
         "port": "9",
+        "grpc_port": "10",
+        "grpc_max_message_bytes": "2000",
         "repository": "elsewhere",
         "device": "cpu",
         "precision": "int8",
