@@ -44,6 +44,18 @@ class EncodedImage:
 
 
 @dataclass(frozen=True)
+class Deadline:
+    """When a request must have started running: its arrival plus its model's timeout, or the client's own sooner one."""
+
+    arrival: float  # time.monotonic() when the request arrived
+    client: float | None = None  # a deadline the client set (gRPC's, or the v2 `timeout` parameter), on the same clock
+
+    def at(self, timeout_s: float) -> float:
+        deadline = self.arrival + timeout_s
+        return deadline if self.client is None else min(deadline, self.client)
+
+
+@dataclass(frozen=True)
 class Classification:
     """Class probabilities for a request's images, in input order, from one model version."""
 
@@ -122,7 +134,7 @@ class DataPlane:
                 )
 
     async def classify_files(
-        self, name: str, version: int | None, files: Sequence[EncodedImage], deadline: float, protocol: str
+        self, name: str, version: int | None, files: Sequence[EncodedImage], deadline: Deadline, protocol: str
     ) -> Classification:
         """Decode `files` as training decoded its images, and classify them; raises a ServiceError."""
         if not files:
@@ -143,7 +155,7 @@ class DataPlane:
         raise self._swapping(name)
 
     async def classify_tensor(
-        self, name: str, version: int | None, images: np.ndarray, deadline: float, protocol: str
+        self, name: str, version: int | None, images: np.ndarray, deadline: Deadline, protocol: str
     ) -> Classification:
         """Classify uint8 images already at the model's input size, [batch, H, W, C]; raises a ServiceError."""
         self._check_count(len(images), "images")
@@ -164,11 +176,9 @@ class DataPlane:
             return self._answer(served, rows, [f"image {i}" for i in range(len(images))])
         raise self._swapping(name)
 
-    def _deadline(self, served: ServedModel, deadline: float) -> float:
-        """Protocols set a request's deadline by the service's timeout; a model's own settings file may move it."""
-        if served.settings is None:
-            return deadline
-        return deadline + served.settings.request_timeout_s - self.settings.request_timeout_s
+    def _deadline(self, served: ServedModel, deadline: Deadline) -> float:
+        """The request's deadline by its model's timeout (the service's, unless the model's settings file sets one)."""
+        return deadline.at((served.settings or self.settings).request_timeout_s)
 
     def _swapping(self, name: str) -> InferenceFailed:
         return InferenceFailed(f"model {name!r} was replaced {_SWAP_RETRIES} times while this request waited; retry it")

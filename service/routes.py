@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Path, Query, Request, Security, UploadFile
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from .dataplane import Classification, DataPlane, EncodedImage
+from .dataplane import Classification, DataPlane, Deadline, EncodedImage
 from .errors import (
     BadRequest,
     DeadlineExceeded,
@@ -117,7 +117,7 @@ async def predict_route(
     dataplane: DataPlane = request.app.state.dataplane
     dataplane.admit(model, version, len(files))
     images = [EncodedImage(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
-    deadline = request.scope.get(ARRIVAL_KEY, time.monotonic()) + dataplane.settings.request_timeout_s
+    deadline = Deadline(request.scope.get(ARRIVAL_KEY, time.monotonic()))
     result = await dataplane.classify_files(model, version, images, deadline, protocol="multipart")
     # Serialised straight from the model we built, rather than validated again against
     # `response_model` (which still documents the shape): that is a fair share of a request's CPU.

@@ -95,7 +95,7 @@ def element_count(shape: Sequence[int]) -> int:
 def check_datatype(name: str, datatype: Any) -> str:
     if datatype not in DATATYPES:
         raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r} (one of {', '.join(sorted(DATATYPES))})")
-    return datatype
+    return str(datatype)
 
 
 def serialize_bytes(elements: Sequence[bytes]) -> bytes:
@@ -125,7 +125,9 @@ def deserialize_bytes(name: str, raw: bytes | memoryview, count: int) -> list[by
     return elements
 
 
-def tensor_from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes | memoryview, parameters=None) -> Tensor:
+def tensor_from_raw(
+    name: str, datatype: str, shape: tuple[int, ...], raw: bytes | memoryview, parameters: dict[str, Any] | None = None
+) -> Tensor:
     """A tensor from its raw bytes (binary extension, gRPC raw_input_contents); no copy for numeric data."""
     count = element_count(shape)
     if datatype == "BYTES":
@@ -157,7 +159,9 @@ def _flatten(name: str, data: Any) -> list[Any]:
     return flat
 
 
-def tensor_from_values(name: str, datatype: str, shape: tuple[int, ...], values: Sequence[Any], parameters=None) -> Tensor:
+def tensor_from_values(
+    name: str, datatype: str, shape: tuple[int, ...], values: Sequence[Any], parameters: dict[str, Any] | None = None
+) -> Tensor:
     """A tensor from a flat list of element values (JSON `data`, gRPC typed contents), range-checked."""
     count = element_count(shape)
     if len(values) != count:
@@ -190,7 +194,9 @@ def tensor_from_values(name: str, datatype: str, shape: tuple[int, ...], values:
     return Tensor(name, datatype, shape, array, parameters or {})
 
 
-def tensor_from_array(name: str, datatype: str, shape: tuple[int, ...], values: np.ndarray, parameters=None) -> Tensor:
+def tensor_from_array(
+    name: str, datatype: str, shape: tuple[int, ...], values: np.ndarray, parameters: dict[str, Any] | None = None
+) -> Tensor:
     """A numeric tensor from a flat array of values in a wider type (gRPC typed contents), range-checked."""
     count = element_count(shape)
     if values.size != count:
@@ -335,7 +341,7 @@ def raw_bytes(tensor: OutputTensor) -> bytes:
 
 def json_values(tensor: OutputTensor) -> list[Any]:
     if tensor.datatype == "BYTES":
-        return [e.decode("utf-8", errors="replace") for e in tensor.data]  # type: ignore[union-attr]
+        return [e.decode("utf-8", errors="replace") for e in tensor.data]
     return np.asarray(tensor.data).ravel().tolist()
 
 

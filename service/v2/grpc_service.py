@@ -12,6 +12,7 @@ import asyncio
 import functools
 import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -20,11 +21,12 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from ..dataplane import DataPlane
+from ..dataplane import DataPlane, Deadline
 from ..errors import ServiceError, ServiceUnavailable, Unauthorized
 from ..settings import Settings
 from .codec import (
     InferRequest,
+    OutputTensor,
     RequestedOutput,
     Tensor,
     check_datatype,
@@ -37,7 +39,7 @@ from .codec import (
 )
 from .errors import InvalidInput, grpc_code, rest_status
 from .health import liveness, readiness
-from .inference import infer
+from .inference import client_deadline, infer
 from .messages import SERVICE, messages
 from .metadata import model_config, model_metadata, server_metadata
 
@@ -110,7 +112,9 @@ def parse_grpc_request(request: Any) -> InferRequest:
     )
 
 
-def infer_response(answer_model: str, version: int, request_id: str | None, outputs) -> Any:
+def infer_response(
+    answer_model: str, version: int, request_id: str | None, outputs: list[tuple[OutputTensor, RequestedOutput]]
+) -> Any:
     response = messages().ModelInferResponse(model_name=answer_model, model_version=str(version), id=request_id or "")
     for tensor, _ in outputs:
         response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
@@ -228,13 +232,11 @@ class InferenceServicer:
         version = _version(request.model_version)
         self.dataplane.admit(request.model_name, version, 1)
         infer_request = parse_grpc_request(request)
-        deadline = arrival + self.dataplane.settings.request_timeout_s
+        client = client_deadline(arrival, infer_request.parameters)
         remaining = context.time_remaining()
         if remaining is not None:  # the client's own gRPC deadline
-            deadline = min(deadline, arrival + remaining)
-        timeout_us = infer_request.parameters.get("timeout")
-        if isinstance(timeout_us, int) and not isinstance(timeout_us, bool) and timeout_us > 0:
-            deadline = min(deadline, arrival + timeout_us / 1e6)
+            client = min(client or math.inf, arrival + remaining)
+        deadline = Deadline(arrival, client)
         answer = await infer(self.dataplane, request.model_name, version, infer_request, deadline, PROTOCOL)
         return infer_response(answer.model, answer.version, infer_request.id, answer.outputs)
 

@@ -10,12 +10,13 @@ Outputs: `probabilities`, FP32 `[batch, classes]`, or with the classification ex
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from kos_core.artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 
-from ..dataplane import DataPlane, EncodedImage
+from ..dataplane import DataPlane, Deadline, EncodedImage
 from .codec import InferRequest, OutputTensor, RequestedOutput, Tensor, classification_strings
 from .errors import InvalidInput
 
@@ -76,8 +77,16 @@ def check(request: InferRequest, meta: ModelMetadata) -> tuple[Tensor, int, list
     return tensor, _batch(tensor, meta), _outputs(request, len(meta.labels))
 
 
+def client_deadline(arrival: float, parameters: dict[str, Any]) -> float | None:
+    """Triton's `timeout` request parameter, in microseconds, as a deadline: it can only shorten the model's own."""
+    timeout_us = parameters.get("timeout")
+    if isinstance(timeout_us, int) and not isinstance(timeout_us, bool) and timeout_us > 0:
+        return arrival + timeout_us / 1e6
+    return None
+
+
 async def infer(
-    dataplane: DataPlane, name: str, version: int | None, request: InferRequest, deadline: float, protocol: str
+    dataplane: DataPlane, name: str, version: int | None, request: InferRequest, deadline: Deadline, protocol: str
 ) -> InferAnswer:
     """Run `request` on the model, batched with every other protocol's images; raises ServiceError subclasses."""
     served = dataplane.served(name, version)

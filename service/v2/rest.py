@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect
 
 from kos_core.artifact import INPUT_NAME, OUTPUT_NAME
 
+from ..dataplane import Deadline
 from ..errors import (
     DeadlineExceeded,
     ImageTooLarge,
@@ -33,7 +34,7 @@ from ..middleware import ARRIVAL_KEY
 from .codec import HEADER_LENGTH, encode_rest_response, parse_rest_request, split_body
 from .errors import InvalidInput, rest_status
 from .health import liveness, readiness
-from .inference import infer
+from .inference import client_deadline, infer
 from .metadata import model_config, model_metadata, server_metadata
 from .schemas import (
     V2Error,
@@ -178,14 +179,9 @@ def _decompressed(body: bytes, encoding: str | None, limit: int) -> bytes:
     return data
 
 
-def _deadline(request: Request, parameters: dict[str, Any]) -> float:
-    settings = request.app.state.dataplane.settings
-    deadline = request.scope.get(ARRIVAL_KEY, time.monotonic()) + settings.request_timeout_s
-    timeout_us = parameters.get("timeout")
-    # Triton's `timeout` request parameter, in microseconds: it can only shorten the service's own deadline.
-    if isinstance(timeout_us, int) and not isinstance(timeout_us, bool) and timeout_us > 0:
-        deadline = min(deadline, request.scope.get(ARRIVAL_KEY, time.monotonic()) + timeout_us / 1e6)
-    return deadline
+def _deadline(request: Request, parameters: dict[str, Any]) -> Deadline:
+    arrival: float = request.scope.get(ARRIVAL_KEY, time.monotonic())
+    return Deadline(arrival, client_deadline(arrival, parameters))
 
 
 async def _infer(request: Request, model: str, version: str | None) -> Response:
