@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -13,11 +10,14 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from kos_core.cpus import available_cpus
 from kos_core.imaging import allow_images_up_to
 
 from .errors import install_error_handlers
+from .lifecycle import Lifecycle, ModelStateCollector
 from .metrics import Metrics
 from .middleware import BodySizeLimit, PredictMetrics
+from .probes import probes
 from .registry import Registry
 from .routes import protected, require_api_key, router
 from .runtime import Device, resolve_device
@@ -36,38 +36,36 @@ def create_app(settings: Settings, device: Device | None = None) -> FastAPI:
     """The service for `settings`; `device` defaults to probing onnxruntime (raises DeviceUnavailable)."""
     device = device or resolve_device(settings.device)
     allow_images_up_to(settings.max_image_pixels)
-    log.info("%s", device.reason)
+    (log.warning if device.worrying else log.info)("%s", device.reason)
     metrics = Metrics()
     registry = Registry(settings, device, metrics)
+    lifecycle = Lifecycle(settings, registry)
+    metrics.registry.register(ModelStateCollector(lifecycle))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Decoding runs here, never on the event loop; Pillow releases the GIL while it works.
-        decoder = ThreadPoolExecutor(max_workers=settings.decode_workers or os.cpu_count() or 1, thread_name_prefix="decode")
+        decoder = ThreadPoolExecutor(max_workers=settings.decode_workers or available_cpus(), thread_name_prefix="decode")
         app.state.decoder = decoder
-        # Loading happens before the port opens, off the loop so the lifespan stays responsive.
-        await asyncio.to_thread(registry.load_all)
-        registry.start()
-        watcher = asyncio.create_task(registry.watch(settings.watch_interval_s)) if settings.watch_interval_s > 0 else None
-        ready = sum(m.state == "ready" for m in registry.all())
-        log.info("serving %d of %d model versions from %s", ready, len(registry.all()), settings.repository)
+        # Models load and warm here; the server has opened its port already, so probes answer meanwhile.
+        await lifecycle.start()
         try:
             yield
         finally:
-            # uvicorn has stopped taking requests and waited for those in flight; queued images finish here.
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-            await registry.close()
+            # The server has drained connections and requests in flight; queued images finish here.
+            await lifecycle.stop()
             decoder.shutdown(wait=True)
 
     app = FastAPI(title="keras-onnx-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
+    app.state.readiness = lifecycle.readiness
+    app.state.liveness = lifecycle.liveness
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(probes)
     app.include_router(protected, dependencies=[Depends(require_api_key)] if settings.api_key else None)
     # The last added runs first: CORS answers pre-flights and decorates every answer, metrics see
     # every status (413 included), the size limit sits right in front of the body parser.

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kos_core.artifact import INPUT_NAME, OUTPUT_NAME, PRECISION_FILENAMES, ModelMetadata
-from kos_core.layout import list_models, model_path, repository_problems, served_file
+from kos_core.layout import list_models, list_versions, model_folder_problems, model_path, repository_problems, served_file
 
 from .batcher import Batcher
 from .errors import ModelNotFound, ModelNotReady
@@ -166,25 +166,46 @@ class Registry:
         self._refused: dict[tuple[str, int], Fingerprint | None] = {}
         self._lock = asyncio.Lock()
         self._reported: set[str] = set()
+        # True until the start-up load is done: a request for a model not loaded yet gets 503, not 404.
+        self.loading = True
+        # The model names found at start-up: with --readiness-policy startup, only these decide readiness.
+        self.startup_names: set[str] = set()
         if settings.lone_request_threads and device.is_cuda:
             log.info("lone_request_threads applies on CPU only; on CUDA every request runs on the one session")
         if settings.precision == "int8" and device.is_cuda:
             log.warning("precision=int8 on CUDA: int8 files are quantised for CPUs and may run slower on a GPU than float16")
 
+    def _where(self, name: str) -> tuple[Path, str]:
+        """The (repository, folder) that kos_core.layout's paths take for `name`.
+
+        With --model-name the repository folder is that model's own folder, holding its versions.
+        """
+        if self.settings.model_name is None:
+            return self.settings.repository, name
+        folder = self.settings.repository.resolve()
+        return folder.parent, folder.name
+
+    def _list(self) -> dict[str, list[int]]:
+        """Every model name with its versions, in whichever layout the settings ask for."""
+        if self.settings.model_name is None:
+            return list_models(self.settings.repository)
+        versions = list_versions(*self._where(self.settings.model_name))
+        return {self.settings.model_name: versions} if versions else {}
+
     def _fingerprint(self, name: str, version: int) -> Fingerprint:
-        repository, precision = self.settings.repository, self.settings.precision
+        (repository, name), precision = self._where(name), self.settings.precision
         files = dict.fromkeys([model_path(repository, name, version, precision), model_path(repository, name, version)])
         return tuple(stamp(f) for f in files)
 
     def _load(self, name: str, version: int) -> ServedModel:
         """Load the file `precision` asks for; a missing or broken variant falls back to model.onnx, with a warning."""
         fp = self._fingerprint(name, version)
-        repository, precision = self.settings.repository, self.settings.precision
-        path = served_file(repository, name, version, precision)
+        (repository, folder), precision = self._where(name), self.settings.precision
+        path = served_file(repository, folder, version, precision)
         if precision != "float32" and path.name != PRECISION_FILENAMES[precision]:
             log.warning("%s v%d has no %s variant: serving %s", name, version, precision, path.name)
         served = load_model(name, version, path, self.settings, self.device)
-        fallback = model_path(repository, name, version)
+        fallback = model_path(repository, folder, version)
         if served.state == "failed" and path != fallback and fallback.is_file():
             log.warning(
                 "%s v%d: the %s variant failed to load (%s); serving %s", name, version, precision, served.error, fallback.name
@@ -200,8 +221,10 @@ class Registry:
         if not repository.is_dir():
             log.warning("model repository %s does not exist: no models to serve", repository)
         self._report_problems()
-        for name, versions in list_models(repository).items():
+        for name, versions in self._list().items():
             self.models[name] = {v: self._load(name, v) for v in versions}
+        self.startup_names = set(self.models)
+        self.loading = False
 
     def start(self) -> None:
         """Give every ready version its batcher; call from the running event loop."""
@@ -272,15 +295,19 @@ class Registry:
 
     def _report_problems(self) -> None:
         """Log each misplaced file or folder in the repository once, rather than ignoring it in silence."""
-        for problem in repository_problems(self.settings.repository):
+        repository = self.settings.repository
+        if self.settings.model_name is None:
+            problems = repository_problems(repository)
+        else:
+            problems = model_folder_problems(repository) if repository.is_dir() else []
+        for problem in problems:
             if problem not in self._reported:
                 self._reported.add(problem)
                 log.warning("model repository %s: %s", self.settings.repository, problem)
 
     def _scan(self) -> dict[tuple[str, int], Fingerprint | None]:
-        repository = self.settings.repository
         self._report_problems()
-        return {(name, v): self._fingerprint(name, v) for name, versions in list_models(repository).items() for v in versions}
+        return {(name, v): self._fingerprint(name, v) for name, versions in self._list().items() for v in versions}
 
     async def watch(self, interval_s: float) -> None:
         """Refresh every `interval_s` seconds until cancelled; a failed scan is logged and retried."""
@@ -299,6 +326,8 @@ class Registry:
 
     def versions(self, name: str) -> list[ServedModel]:
         """Every version of `name`, ascending, whatever its state; 404 if the name is unknown."""
+        if name not in self.models and self.loading:
+            raise ModelNotReady(f"model {name!r} is not loaded yet: the service is loading its models", retry_after=5)
         if name not in self.models:
             known = ", ".join(sorted(self.models)) or "none"
             raise ModelNotFound(f"model {name!r} is not served (served models: {known})")

@@ -122,19 +122,24 @@ async def predict_route(
     "/health",
     response_model=HealthResponse,
     summary="Ready when every model has a version loaded and warmed",
+    description="Readiness, for load balancers and readiness probes (policy: --readiness-policy). Liveness is GET /livez.",
     responses={
-        503: {"model": HealthResponse, "description": "A model has no ready version (loading or failed), or none is served."}
+        503: {
+            "model": HealthResponse,
+            "description": "Loading at start-up, draining for shutdown, a model has no ready version, or none is served.",
+        }
     },
 )
 async def health(request: Request) -> JSONResponse:
     registry = _registry(request)
     models = registry.all()
-    # Readiness is per model name: a new version that is loading or failed to load while an older one
-    # serves must not take the node out of a load balancer; the body still lists every version's state.
-    serving = {m.name for m in models if m.state == "ready"}
-    ready = bool(models) and all(m.name in serving for m in models)
+    # Readiness is per model name (lifecycle.py): a new version that is loading or failed to load while
+    # an older one serves does not take the node out; the body still lists every version's state.
+    ready, reason = request.app.state.readiness()
+    phase = request.app.state.lifecycle.phase
     body = HealthResponse(
-        status="ready" if ready else "unavailable",
+        status="ready" if ready else phase if phase != "serving" else "unavailable",
+        reason=reason,
         device=DeviceInfo(providers=list(registry.device.providers), reason=registry.device.reason),
         models=[ModelHealth(name=m.name, version=m.version, state=m.state, providers=m.providers, error=m.error) for m in models],
     )

@@ -35,6 +35,8 @@ class Device:
 
     providers: tuple[str, ...]
     reason: str
+    # True when the fall-back deserves a warning: a GPU is there but CUDA does not work on it.
+    worrying: bool = False
 
     @property
     def is_cuda(self) -> bool:
@@ -62,6 +64,11 @@ def cuda_problem() -> str | None:
     return None
 
 
+def gpu_present(dev: Path = Path("/dev")) -> bool:
+    """Whether this machine (or container) shows an NVIDIA GPU device node."""
+    return any(dev.glob("nvidia[0-9]*")) or (dev / "dxg").exists()
+
+
 def resolve_device(device: str) -> Device:
     """The providers for `device`: `cuda` raises DeviceUnavailable without a working CUDA, `auto` falls back to CPU."""
     if device == "cpu":
@@ -71,7 +78,10 @@ def resolve_device(device: str) -> Device:
         return Device((CUDA, CPU), f"device={device}: CUDA works")
     if device == "cuda":
         raise DeviceUnavailable(f"device=cuda but {problem}")
-    return Device((CPU,), f"device=auto: serving on CPU because {problem}")
+    if not gpu_present():
+        # On auto, a machine without a GPU is the normal case for a CPU deployment: not a problem.
+        return Device((CPU,), f"device=auto: serving on CPU because this machine has no NVIDIA GPU (no /dev/nvidia*; {problem})")
+    return Device((CPU,), f"device=auto: serving on CPU because {problem}", worrying=True)
 
 
 def create_session(
