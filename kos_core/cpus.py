@@ -79,3 +79,17 @@ def available_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/sel
         # A quota of 1.5 CPUs lets two threads run most of the time; rounding down would leave half a CPU idle.
         cpus = min(cpus, max(1, math.ceil(limit)))
     return max(1, cpus)
+
+
+def quota_limited_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """`available_cpus()` when a cgroup quota holds the process to fewer CPUs than it sees; None otherwise.
+
+    For libraries that size their own pools by the host's cores (onnxruntime): left alone when
+    nothing limits them, told this count when a quota would throttle their extra threads.
+    """
+    try:
+        seen = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        seen = os.cpu_count() or 1
+    cpus = available_cpus(root, proc_cgroup)
+    return cpus if cpus < seen else None

@@ -32,14 +32,7 @@ STALL_S = 10.0
 
 def batcher_alive(served: ServedModel) -> bool:
     """Whether a served version's batcher still gathers batches (a closing one counts as alive)."""
-    batcher = served.batcher
-    if batcher is None or getattr(batcher, "_closing", False):
-        return True
-    healthy = getattr(batcher, "healthy", None)
-    if healthy is not None:
-        return bool(healthy)
-    task = batcher._task
-    return task is not None and not task.done()
+    return served.batcher is None or served.batcher.healthy
 
 
 class Lifecycle:
@@ -63,19 +56,14 @@ class Lifecycle:
         if self.phase == "loading":
             return False, "loading the models found at start-up"
         models = self.registry.all()
-        serving = {m.name for m in models if m.state == "ready"}
-        if not serving:
+        if not any(m.state == "ready" for m in models):
             return False, "no model has a ready version" if models else "no model is served"
-        missing = sorted({m.name for m in models} - serving)
-        if self.settings.readiness_policy == "strict":
-            required = missing
-        else:
-            required = [name for name in missing if name in self.registry.startup_names]
+        required, uncounted = self.registry.unready_names(strict=self.settings.readiness_policy == "strict")
         if required:
             return False, f"no ready version of {', '.join(required)}"
-        if missing:
+        if uncounted:
             return True, (
-                f"ready; added while running and not loaded: {', '.join(missing)} "
+                f"ready; added while running and not loaded: {', '.join(uncounted)} "
                 "(not counted for readiness under --readiness-policy startup)"
             )
         return True, "ready"

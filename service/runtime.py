@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from kos_core.cpus import quota_limited_cpus
+
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ def cuda_problem() -> str | None:
         return "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    previous = 2  # onnxruntime's default; it has no getter
     # onnxruntime prints the missing libraries in colour on stderr, outside any log format; the
     # reason is reported once, in plain words, by the caller (and in /health).
     ort.set_default_logger_severity(4)
@@ -60,7 +63,7 @@ def cuda_problem() -> str | None:
     except Exception as exc:  # a broken driver shows up here rather than in the first request
         return f"CUDA failed a test run: {type(exc).__name__}: {exc}"
     finally:
-        ort.set_default_logger_severity(2)
+        ort.set_default_logger_severity(previous)
     return None
 
 
@@ -93,7 +96,10 @@ def create_session(
     """
     spinning = settings.intra_op_spinning if spinning is None else spinning
     options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads if intra_op_threads is None else intra_op_threads
+    threads = settings.intra_op_threads if intra_op_threads is None else intra_op_threads
+    # 0 lets onnxruntime size its pool by the host's cores; in a container with a CPU quota that
+    # oversubscribes what the quota allows, so it gets the quota's count instead.
+    options.intra_op_num_threads = threads or quota_limited_cpus() or 0
     options.inter_op_num_threads = settings.inter_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle onnxruntime threads spin by default; in a server they would burn the cores that decode

@@ -54,8 +54,9 @@ def free_port() -> int:
 class LiveServer:
     """`python -m service` in a subprocess, as a user starts it."""
 
-    def __init__(self, repository: Path, extra_args: list[str], env: dict[str, str] | None = None):
-        self.port = free_port()
+    def __init__(self, repository: Path, extra_args: list[str], env: dict[str, str] | None = None, port: int | None = None):
+        # A given port: a new process in the place of one that exited, as a restarted replica.
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = tempfile.NamedTemporaryFile(prefix=f"service-{self.port}-", suffix=".log", delete=False)
         self.log_path = Path(self._log.name)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kos_core.cpus import available_cpus, cgroup_cpu_limit
+from kos_core.cpus import available_cpus, cgroup_cpu_limit, quota_limited_cpus
 
 
 def _tree(root: Path, files: dict[str, str], proc: str = "0::/\n") -> tuple[Path, Path]:
@@ -80,3 +80,10 @@ def test_a_tiny_quota_still_gives_one_cpu_and_no_cgroup_files_mean_no_limit(tmp_
 
 def test_this_machine_gives_a_sane_count():
     assert 1 <= available_cpus() <= (os.cpu_count() or 1)
+
+
+def test_only_a_quota_below_what_the_process_sees_is_reported_for_pools_sized_by_the_host(tmp_path, many_cores):
+    root, proc = _tree(tmp_path, {"cpu.max": "200000 100000\n"})
+    assert quota_limited_cpus(root, proc) == 2
+    (root / "cpu.max").write_text("max 100000\n")
+    assert quota_limited_cpus(root, proc) is None

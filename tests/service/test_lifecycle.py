@@ -183,10 +183,10 @@ async def test_liveness_fails_when_a_batcher_stops_or_the_event_loop_stalls(tmp_
             assert (await client.get("/livez")).status_code == 200
             lifecycle = app.state.lifecycle
             lifecycle.heartbeat -= 60  # as if the loop had not run its heartbeat for a minute
-            live, reason = app.state.liveness()
+            live, reason = app.state.lifecycle.liveness()
             assert not live and "event loop did not run" in reason
             await asyncio.sleep(0.6)  # the heartbeat runs again
-            assert app.state.liveness() == (True, "live")
+            assert app.state.lifecycle.liveness() == (True, "live")
             batcher = app.state.registry.get("digits").batcher
             batcher._task.cancel()
             await asyncio.sleep(0)
@@ -228,6 +228,13 @@ class Outcomes:
             return
         with self.lock:
             self.statuses[status] = self.statuses.get(status, 0) + 1
+
+
+def _wait_for_answers(outcomes: Outcomes, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(outcomes.statuses.values()) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} answers within {timeout} s: {outcomes.statuses}"
+        time.sleep(0.01)
 
 
 def _fire_until(url: str, outcomes: Outcomes, stop: threading.Event, clients: int = 8) -> list[threading.Thread]:
@@ -279,7 +286,8 @@ def test_clients_firing_around_sigterm_without_a_drain_delay_are_answered_or_ref
         try:
             outcomes, stop = Outcomes(), threading.Event()
             threads = _fire_until(f"{server.url}/predict/digits", outcomes, stop)
-            time.sleep(0.5 + 0.1 * trial)
+            # Under full flow (clients start slowly on a busy machine), at a different moment each trial.
+            _wait_for_answers(outcomes, 10 + 7 * trial)
             server.process.send_signal(signal.SIGTERM)
             code = server.process.wait(timeout=60)
             time.sleep(0.3)
@@ -288,7 +296,7 @@ def test_clients_firing_around_sigterm_without_a_drain_delay_are_answered_or_ref
                 t.join(timeout=60)
             print(f"trial {trial}: {outcomes.statuses}, refused {outcomes.refused}, failed {outcomes.failures[:3]}")
             assert outcomes.failures == [], outcomes.failures
-            assert set(outcomes.statuses) == {200} and outcomes.statuses[200] > 20
+            assert set(outcomes.statuses) == {200}
             assert code == 0, server.log()
         finally:
             server.stop()
@@ -296,11 +304,13 @@ def test_clients_firing_around_sigterm_without_a_drain_delay_are_answered_or_ref
 
 def test_during_the_drain_delay_readiness_says_draining_while_every_request_is_served(tmp_path, exported):
     repository = make_repository(tmp_path, {"digits": exported["digits"]})
-    server = _start(repository, "--drain-delay-s", "1.5")
+    # Long enough that the probes below still find the port open on a busy machine.
+    server = _start(repository, "--drain-delay-s", "4")
     try:
         outcomes, stop = Outcomes(), threading.Event()
         threads = _fire_until(f"{server.url}/predict/digits", outcomes, stop, clients=4)
-        time.sleep(0.3)
+        _wait_for_answers(outcomes, 5)
+        before = outcomes.statuses.get(200, 0)
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         _wait(lambda: httpx.get(f"{server.url}/health").status_code == 503, "readiness turning 503", server=server)
@@ -308,15 +318,16 @@ def test_during_the_drain_delay_readiness_says_draining_while_every_request_is_s
         assert health["status"] == "draining" and "draining" in health["reason"]
         assert httpx.get(f"{server.url}/livez").status_code == 200
         assert httpx.head(f"{server.url}/health").status_code == 503
-        time.sleep(max(0.0, 1.2 - (time.monotonic() - signalled)))
+        time.sleep(max(0.0, 3.0 - (time.monotonic() - signalled)))
         during = dict(outcomes.statuses)
         assert server.process.poll() is None, "the process waits out the delay"
         code = server.process.wait(timeout=60)
-        assert time.monotonic() - signalled >= 1.5
+        assert time.monotonic() - signalled >= 4
         stop.set()
         for t in threads:
             t.join(timeout=60)
-        assert during.get(200, 0) > 10 and set(outcomes.statuses) == {200}
+        assert during.get(200, 0) - before >= 5, f"served during the delay: {during.get(200, 0) - before}"
+        assert set(outcomes.statuses) == {200}
         assert outcomes.failures == [], outcomes.failures
         assert code == 0, server.log()
     finally:
@@ -382,7 +393,7 @@ def test_the_decode_pool_is_sized_by_the_cpus_available_not_the_hosts_cores(tmp_
         f"app = create_app(Settings(repository={str(repository)!r}, watch_interval_s=0), resolve_device('cpu'))\n"
         "async def main():\n"
         "    async with app.router.lifespan_context(app):\n"
-        "        print(app.state.decoder._max_workers, available_cpus())\n"
+        "        print(app.state.dataplane.decode_pool._max_workers, available_cpus())\n"
         "asyncio.run(main())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=os.environ)
