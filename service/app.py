@@ -42,7 +42,7 @@ def create_app(settings: Settings, device: Device) -> FastAPI:
     decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or available_cpus(), thread_name_prefix="decode")
     registry = Registry(settings, device, metrics, decode_pool)
     lifecycle = Lifecycle(settings, registry)
-    dataplane = DataPlane(settings, registry, metrics, decode_pool, readiness=lifecycle.readiness)
+    dataplane = DataPlane(settings, registry, metrics, decode_pool, readiness=lifecycle.readiness, liveness=lifecycle.liveness)
     metrics.registry.register(ModelStateCollector(lifecycle))
 
     @asynccontextmanager

@@ -81,6 +81,7 @@ class DataPlane:
         metrics: Metrics,
         decode_pool: Executor,
         readiness: Callable[[], tuple[bool, str]] | None = None,
+        liveness: Callable[[], tuple[bool, str]] | None = None,
     ):
         self.settings = settings
         self.registry = registry
@@ -89,6 +90,7 @@ class DataPlane:
         # The service's readiness (lifecycle.py: start-up loading, draining, --readiness-policy); the
         # registry's own view of its models when the data plane is used without a lifecycle.
         self._readiness = readiness or (lambda: (registry.ready(), "by the models' states alone"))
+        self._liveness = liveness or (lambda: (True, "live"))
 
     def served(self, name: str, version: int | None = None) -> ServedModel:
         """The requested version, or the highest ready one; ModelNotFound (404) or a 503 otherwise."""
@@ -111,6 +113,10 @@ class DataPlane:
     def ready(self) -> bool:
         """The first half of `readiness()`."""
         return self._readiness()[0]
+
+    def liveness(self) -> tuple[bool, str]:
+        """Whether the process still works, whatever its models' state: what /livez and the v2 live route answer."""
+        return self._liveness()
 
     def _check_count(self, count: int, what: str = "files") -> None:
         limit = self.settings.max_files_per_request

@@ -19,11 +19,11 @@ probes = APIRouter()
     responses={503: {"model": LivenessResponse, "description": "The service is stuck; restart it."}},
 )
 async def livez(request: Request) -> JSONResponse:
-    live, reason = request.app.state.lifecycle.liveness()
+    live, reason = request.app.state.dataplane.liveness()
     body = LivenessResponse(status="live" if live else "stuck", reason=reason)
     return JSONResponse(body.model_dump(), status_code=200 if live else 503)
 
 
 @probes.head("/livez", include_in_schema=False)
 async def livez_head(request: Request) -> Response:
-    return Response(status_code=200 if request.app.state.lifecycle.liveness()[0] else 503)
+    return Response(status_code=200 if request.app.state.dataplane.liveness()[0] else 503)
