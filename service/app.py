@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -13,11 +10,15 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from kos_core.cpus import available_cpus
+
 from .dataplane import DataPlane
 from .errors import install_error_handlers
+from .lifecycle import Lifecycle, ModelStateCollector
 from .metrics import Metrics
 from .middleware import BodySizeLimit, PredictionGate
 from .page import router as page_router
+from .probes import probes
 from .registry import Registry
 from .routes import protected, require_api_key, router
 from .runtime import Device
@@ -43,38 +44,34 @@ def create_app(settings: Settings, device: Device) -> FastAPI:
     """The service for `settings` on `device` (from `startup.prepare_process`); models load in the lifespan."""
     metrics = Metrics()
     # Decoding runs here, never on the event loop; Pillow releases the GIL while it works. Its memory
-    # is bounded: at most this many images of at most max_image_pixels decode at once.
-    decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or os.cpu_count() or 1, thread_name_prefix="decode")
+    # is bounded: at most this many images of at most max_image_pixels decode at once. Sized by the
+    # CPUs the container may use (its cgroup quota), not the host's cores.
+    decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or available_cpus(), thread_name_prefix="decode")
     registry = Registry(settings, device, metrics, decode_pool)
-    dataplane = DataPlane(settings, registry, metrics, decode_pool)
+    lifecycle = Lifecycle(settings, registry)
+    dataplane = DataPlane(settings, registry, metrics, decode_pool, readiness=lifecycle.readiness, liveness=lifecycle.liveness)
+    metrics.registry.register(ModelStateCollector(lifecycle))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Loading happens before the port opens, off the loop so the lifespan stays responsive.
-        await asyncio.to_thread(registry.load_all)
-        registry.start()
         # The Open Inference Protocol's gRPC service: this process and event loop, so every protocol
-        # feeds the same batchers. Its port opens once the models are loaded, as the HTTP port does.
+        # feeds the same batchers. It opens before the models load, as the HTTP port does (server.py),
+        # so that its liveness and readiness RPCs answer while they load.
         grpc_server = None
         if settings.grpc_port:
             grpc_server, grpc_port = create_grpc_server(dataplane, settings, app.state)
             await grpc_server.start()
             log.info("Open Inference Protocol over gRPC on %s:%d", settings.host, grpc_port)
-        watcher = asyncio.create_task(registry.watch(settings.watch_interval_s)) if settings.watch_interval_s > 0 else None
-        ready = sum(m.state == "ready" for m in registry.all())
-        log.info("serving %d of %d model versions from %s", ready, len(registry.all()), settings.repository)
+        # Models load and warm here; the server has opened its port already (server.py), so probes answer meanwhile.
+        await lifecycle.start()
         try:
             yield
         finally:
-            # uvicorn has stopped taking requests and waited for those in flight; queued images finish here.
+            # The server has drained connections and requests in flight; gRPC takes no new calls from here
+            # and gives those in flight up to the shutdown timeout; queued images finish in lifecycle.stop().
             if grpc_server is not None:
-                # No new calls from here; those in flight get up to the shutdown timeout to finish.
                 await grpc_server.stop(settings.shutdown_timeout_s)
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-            await registry.close()
+            await lifecycle.stop()
             decode_pool.shutdown(wait=True)
 
     app = FastAPI(title="keras-onnx-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
@@ -82,8 +79,10 @@ def create_app(settings: Settings, device: Device) -> FastAPI:
     app.state.registry = registry
     app.state.metrics = metrics
     app.state.dataplane = dataplane
+    app.state.lifecycle = lifecycle
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(probes)
     app.include_router(page_router)
     app.include_router(protected, dependencies=[Depends(require_api_key)] if settings.api_key else None)
     app.include_router(v2_rest.public)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -86,11 +86,23 @@ def decode(image: EncodedImage, spec: InputSpec, max_pixels: int) -> np.ndarray:
 class DataPlane:
     """Classify images with served models; built once by the app factory and shared by every protocol."""
 
-    def __init__(self, settings: Settings, registry: Registry, metrics: Metrics, decode_pool: Executor):
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        metrics: Metrics,
+        decode_pool: Executor,
+        readiness: Callable[[], tuple[bool, str]] | None = None,
+        liveness: Callable[[], tuple[bool, str]] | None = None,
+    ):
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
         self.decode_pool = decode_pool
+        # The service's readiness (lifecycle.py: start-up loading, draining, --readiness-policy); the
+        # registry's own view of its models when the data plane is used without a lifecycle.
+        self._readiness = readiness or (lambda: (registry.ready(), "by the models' states alone"))
+        self._liveness = liveness or (lambda: (True, "live"))
 
     def served(self, name: str, version: int | None = None) -> ServedModel:
         """The requested version, or the highest ready one; ModelNotFound (404) or a 503 otherwise."""
@@ -106,9 +118,17 @@ class DataPlane:
             pass  # being replaced: the new version takes the request
         return served
 
+    def readiness(self) -> tuple[bool, str]:
+        """Whether to send requests here, and why in words: what /health and the v2 readiness route answer."""
+        return self._readiness()
+
     def ready(self) -> bool:
-        """Ready when every model has a ready version (what /health and the v2 readiness routes answer)."""
-        return self.registry.ready()
+        """The first half of `readiness()`."""
+        return self._readiness()[0]
+
+    def liveness(self) -> tuple[bool, str]:
+        """Whether the process still works, whatever its models' state: what /livez and the v2 live route answer."""
+        return self._liveness()
 
     def _check_count(self, count: int, what: str = "files") -> None:
         limit = self.settings.max_files_per_request

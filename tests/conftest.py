@@ -58,8 +58,9 @@ def free_port() -> int:
 class LiveServer:
     """`python -m service` in a subprocess, as a user starts it."""
 
-    def __init__(self, repository: Path, extra_args: list[str], env: dict[str, str] | None = None):
-        self.port = free_port()
+    def __init__(self, repository: Path, extra_args: list[str], env: dict[str, str] | None = None, port: int | None = None):
+        # A given port: a new process in the place of one that exited, as a restarted replica.
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # Its own free gRPC port (the Open Inference Protocol); a --grpc-port in extra_args wins.
         self.grpc_port = free_port()
@@ -86,16 +87,19 @@ class LiveServer:
         )
 
     def wait_until_listening(self, timeout: float = 60) -> None:
+        """Wait until the port is open and the models found at start-up are loaded (ready or failed)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log()}")
             try:
-                httpx.get(self.url + "/health", timeout=1)
-                return
+                # The port opens before models load; /health says "loading" until they are done.
+                if httpx.get(self.url + "/health", timeout=1).json().get("status") != "loading":
+                    return
             except httpx.TransportError:
-                time.sleep(0.1)
-        raise TimeoutError(f"service did not listen within {timeout}s:\n{self.log()}")
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"service did not finish starting within {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
