@@ -10,6 +10,7 @@ The .proto files are Triton's, unchanged; service/v2/proto/README.md says where 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,13 +22,14 @@ OUTPUT = PROTO_DIR / "inference.binpb"
 
 def compile_protos() -> bytes:
     """The serialised FileDescriptorSet of SOURCES (with their imports), as protoc writes it."""
-    from grpc_tools import protoc
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "inference.binpb"
-        args = ["protoc", f"--proto_path={PROTO_DIR}", f"--descriptor_set_out={out}", "--include_imports", *SOURCES]
-        if protoc.main(args) != 0:
-            raise SystemExit(f"protoc failed on {', '.join(SOURCES)} in {PROTO_DIR}")
+        args = [f"--proto_path={PROTO_DIR}", f"--descriptor_set_out={out}", "--include_imports", *SOURCES]
+        # protoc in a process of its own: in-process, grpc_tools shares the protobuf runtime of whatever
+        # else is loaded (a test run), and a mismatch there crashes the whole process.
+        done = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"protoc failed on {', '.join(SOURCES)} in {PROTO_DIR}: {done.stderr.strip()}")
         return out.read_bytes()
 
 

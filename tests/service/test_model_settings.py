@@ -64,7 +64,7 @@ async def test_an_invalid_settings_file_fails_that_model_alone_with_a_message_na
     [
         ("max_batch_size = 0\n", "max_batch_size"),
         ("max_batch_size = 'many'\n", "max_batch_size"),
-        ("queue_size = 8\n", "max_files_per_request (64) must not exceed queue_size (8)"),
+        ("queue_size = 8\n", "--max-files-per-request (64) must not exceed --queue-size (8)"),
         ("precision = 'int4'\n", "precision"),
         ("max_batch_size = \n", "not valid TOML"),
     ],
