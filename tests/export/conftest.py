@@ -48,7 +48,11 @@ def digits_run(tmp_path_factory) -> Path:
     data = load_dataset("digits", seed=0)
     model = build_model("digits_cnn", data.input_shape, len(data.labels))
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(data.train.x, data.train.y, epochs=10, batch_size=32, verbose=0)
+    # Trained to where the bundled model stands (99 % and more), not stopped half-way: at 10 epochs it
+    # scored 97 % with 17 of the 270 held-out digits within 0.3 of a second class, and int8's
+    # rounding flipped four of them whatever the calibration (MinMax on 200, 1,000 or all training
+    # images, entropy, percentile). At 20 epochs float32 and int8 agree on every held-out image.
+    model.fit(data.train.x, data.train.y, epochs=20, batch_size=32, verbose=0)
     run_dir = tmp_path_factory.mktemp("runs") / "digits"
     return write_run(run_dir, model, data.labels, data.test.x, data.test.y, "digits", "digits_cnn")
 
