@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: help serve test lint models install install-dev clean
 
 help:
-	@echo "make serve   install the serving stack in $(VENV) and serve $(REPOSITORY)/ at http://$(HOST):$(PORT) (Swagger UI at /docs)"
+	@echo "make serve   install the serving stack in $(VENV) and serve $(REPOSITORY)/ at http://$(HOST):$(PORT) (the page at /, Swagger UI at /docs)"
 	@echo "make test    install everything (training, export, tests) in $(VENV) and run the whole test suite"
 	@echo "make lint    ruff (lint and format check) and the package layer contracts"
 	@echo "make models  retrain and re-export the bundled digits model from its fixed seed"

@@ -16,7 +16,6 @@ from fastapi import FastAPI, UploadFile
 
 from kos_core.artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 from kos_core.imaging import decode_image
-from service.inference import top_k_scores
 
 
 def create_naive_app(model_file: Path, intra_op_threads: int = 0) -> FastAPI:
@@ -30,18 +29,14 @@ def create_naive_app(model_file: Path, intra_op_threads: int = 0) -> FastAPI:
     @app.post("/predict/{model}")
     def predict(model: str, files: list[UploadFile], top_k: int = 5) -> dict:
         # A plain `def`: Starlette runs it in its thread pool, the common naive pattern.
-        images = np.stack([decode_image(f.file.read(), f.filename or "file", spec, 40_000_000) for f in files])
+        images = np.stack([decode_image(f.file.read(), f.filename or "file", spec.input_spec, 40_000_000) for f in files])
         probabilities = session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
         predictions = []
         for f, row in zip(files, probabilities):
-            scores = top_k_scores(row, spec.labels, min(top_k, len(spec.labels)))
+            order = np.argsort(-row, kind="stable")[: min(top_k, len(spec.labels))]
+            scores = [{"label": spec.labels[i], "index": int(i), "probability": float(row[i])} for i in order]
             predictions.append(
-                {
-                    "filename": f.filename,
-                    "label": scores[0].label,
-                    "probability": scores[0].probability,
-                    "top_k": [s.model_dump() for s in scores],
-                }
+                {"filename": f.filename, "label": scores[0]["label"], "probability": scores[0]["probability"], "top_k": scores}
             )
         return {"model": model, "version": 1, "predictions": predictions}
 

@@ -170,7 +170,7 @@ class Pipeline:
 
             def decode_batch(start: int) -> list:
                 return [
-                    pool.submit(decode_image, self.blobs[(start + i) % len(self.blobs)], "x", self.spec, 40_000_000)
+                    pool.submit(decode_image, self.blobs[(start + i) % len(self.blobs)], "x", self.spec.input_spec, 40_000_000)
                     for i in range(self.batch)
                 ]
 

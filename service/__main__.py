@@ -14,6 +14,7 @@ from .app import create_app
 from .logs import log_config
 from .runtime import DeviceUnavailable
 from .settings import ENV_PREFIX, Settings
+from .startup import prepare_process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     config = log_config(settings.log_level, settings.log_format)
     logging.config.dictConfig(config)
     try:
-        app = create_app(settings)
+        app = create_app(settings, prepare_process(settings))
     except DeviceUnavailable as exc:
         sys.exit(f"cannot start: {exc}")
     # One process per device: several workers would each load every model (and, on a GPU, each

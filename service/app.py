@@ -13,14 +13,14 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from kos_core.imaging import allow_images_up_to
-
+from .dataplane import DataPlane
 from .errors import install_error_handlers
 from .metrics import Metrics
-from .middleware import BodySizeLimit, PredictMetrics
+from .middleware import BodySizeLimit, PredictionGate
+from .page import router as page_router
 from .registry import Registry
 from .routes import protected, require_api_key, router
-from .runtime import Device, resolve_device
+from .runtime import Device
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,19 +32,17 @@ requests are batched together. Every error answers JSON with a human-readable `d
 carries `Retry-After`."""
 
 
-def create_app(settings: Settings, device: Device | None = None) -> FastAPI:
-    """The service for `settings`; `device` defaults to probing onnxruntime (raises DeviceUnavailable)."""
-    device = device or resolve_device(settings.device)
-    allow_images_up_to(settings.max_image_pixels)
-    log.info("%s", device.reason)
+def create_app(settings: Settings, device: Device) -> FastAPI:
+    """The service for `settings` on `device` (from `startup.prepare_process`); models load in the lifespan."""
     metrics = Metrics()
-    registry = Registry(settings, device, metrics)
+    # Decoding runs here, never on the event loop; Pillow releases the GIL while it works. Its memory
+    # is bounded: at most this many images of at most max_image_pixels decode at once.
+    decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or os.cpu_count() or 1, thread_name_prefix="decode")
+    registry = Registry(settings, device, metrics, decode_pool)
+    dataplane = DataPlane(settings, registry, metrics, decode_pool)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Decoding runs here, never on the event loop; Pillow releases the GIL while it works.
-        decoder = ThreadPoolExecutor(max_workers=settings.decode_workers or os.cpu_count() or 1, thread_name_prefix="decode")
-        app.state.decoder = decoder
         # Loading happens before the port opens, off the loop so the lifespan stays responsive.
         await asyncio.to_thread(registry.load_all)
         registry.start()
@@ -60,19 +58,21 @@ def create_app(settings: Settings, device: Device | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             await registry.close()
-            decoder.shutdown(wait=True)
+            decode_pool.shutdown(wait=True)
 
     app = FastAPI(title="keras-onnx-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.dataplane = dataplane
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(page_router)
     app.include_router(protected, dependencies=[Depends(require_api_key)] if settings.api_key else None)
-    # The last added runs first: CORS answers pre-flights and decorates every answer, metrics see
-    # every status (413 included), the size limit sits right in front of the body parser.
+    # The last added runs first: CORS answers pre-flights and decorates every answer, the gate refuses
+    # early and sees every status (413 included), the size limit sits right in front of the body parser.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(PredictMetrics, metrics=metrics, known_model=lambda name: name in registry.models)
+    app.add_middleware(PredictionGate, dataplane=dataplane, api_key=settings.api_key)
     if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,

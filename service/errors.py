@@ -80,6 +80,20 @@ class QueueFull(ServiceUnavailable):
     pass
 
 
+class OutOfMemory(ServiceUnavailable):
+    description = "The service ran out of memory decoding an image: its problem, not the file's; retry later."
+    example = "photo.png: the service ran out of memory decoding it; retry later"
+
+
+class ModelFailed(ServiceError):
+    status_code = 503
+    description = (
+        "The model version failed to load: only an operator can fix it, by fixing or replacing its file "
+        "(GET /health says why). No Retry-After: retrying will not help until then."
+    )
+    example = "model 'digits' version 2 failed to load: an operator must fix or replace its file (GET /health says why)"
+
+
 class DeadlineExceeded(ServiceError):
     status_code = 504
     description = "The request's deadline passed before its images ran; they were not run."

@@ -19,7 +19,11 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "kos_requests", "Prediction requests answered, by model and HTTP status.", ["model", "status"], registry=r
+            "kos_requests",
+            "Prediction requests answered, by model, status (HTTP, or the HTTP equivalent of a gRPC code) and protocol "
+            "(multipart, v2-rest, v2-grpc); 499: the client went away first.",
+            ["model", "status", "protocol"],
+            registry=r,
         )
         self.request_latency = Histogram(
             "kos_request_latency_seconds",
@@ -49,6 +53,23 @@ class Metrics:
             "kos_deadline_expired_images", "Images dropped unrun because their deadline passed.", ["model"], registry=r
         )
         self.model_loads = Counter("kos_model_loads", "Model version loads, by outcome.", ["model", "outcome"], registry=r)
+
+    @property
+    def _by_model(self) -> list:
+        return [m for m in vars(self).values() if isinstance(m, Counter | Gauge | Histogram) and "model" in m._labelnames]
+
+    def observe_request(self, model: str, status: int, protocol: str, seconds: float) -> None:
+        """Count one answered prediction request and its latency."""
+        self.requests.labels(model, str(status), protocol).inc()
+        self.request_latency.labels(model).observe(seconds)
+
+    def forget_model(self, name: str) -> None:
+        """Drop every series of a model that is no longer served, so scrapes stop showing stale values."""
+        for metric in self._by_model:
+            position = metric._labelnames.index("model")
+            for key in list(metric._metrics):
+                if key[position] == name:
+                    metric.remove(*key)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
+import re
 import time
-from collections.abc import Callable
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
 
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .metrics import Metrics
+from .errors import ServiceError
+
+if TYPE_CHECKING:
+    from .dataplane import DataPlane
 
 ARRIVAL_KEY = "kos.arrival"
 
@@ -78,23 +87,54 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class PredictMetrics:
-    """Count /predict requests by model and status and time them, whatever answered them."""
+def prediction_route(scope: Scope) -> tuple[str, int | None, str] | None:
+    """(model, version, protocol) when the request is a prediction: POST /predict/{model} or a v2 infer."""
+    path = scope.get("path", "")
+    if path.startswith("/predict/"):
+        version = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("version", [None])[0]
+        return path[len("/predict/") :], int(version) if version and version.isdigit() else None, "multipart"
+    match = _V2_INFER.fullmatch(path)
+    if match:
+        return match["model"], int(match["version"]) if match["version"] else None, "v2-rest"
+    return None
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, known_model: Callable[[str], bool]):
+
+_V2_INFER = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>\d+))?/infer")
+
+
+async def _discard_body(receive: Receive) -> None:
+    """Read what is left of a refused request's body, unparsed, so its keep-alive connection stays usable."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+class PredictionGate:
+    """In front of every prediction route: refuse early what can be refused, and count and time each request.
+
+    Refusing before the body is read is what keeps shedding load cheap: under a flood against a full
+    queue, a 503 costs a path lookup, not a multipart parse. Only a request that passes the API-key
+    check is refused here (404, 503), so an unauthenticated client learns nothing about the models;
+    the others go on to the routes, which answer 401. Client-chosen names stay out of the metrics'
+    label set: unknown ones share one label.
+    """
+
+    def __init__(self, app: ASGIApp, dataplane: DataPlane, api_key: str | None):
         self.app = app
-        self.metrics = metrics
-        self.known_model = known_model
+        self.dataplane = dataplane
+        self.metrics = dataplane.metrics
+        self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" else ""
-        if not path.startswith("/predict/"):
+        route = prediction_route(scope) if scope["type"] == "http" else None
+        if route is None:
             await self.app(scope, receive, send)
             return
-        name = path[len("/predict/") :]
-        # Client-chosen names stay out of the label set: unknown ones share one label.
-        label = name if self.known_model(name) else "_unknown"
-        status = 500
+        name, version, protocol = route
+        label = name if name in self.dataplane.registry.models else "_unknown"
+        status = 0
+        gone = False  # the client hung up before the answer: whatever the app made of the cut body, it is a 499
         started = time.perf_counter()
 
         async def recording_send(message: Message) -> None:
@@ -103,10 +143,44 @@ class PredictMetrics:
                 status = message["status"]
             await send(message)
 
+        async def watching_receive() -> Message:
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and not status:
+                gone = True
+            return message
+
         self.metrics.in_progress.inc()
         try:
-            await self.app(scope, receive, recording_send)
+            refusal = self._refusal(scope, name, version, protocol)
+            if refusal is not None:
+                await refusal(scope, receive, recording_send)
+                await _discard_body(receive)
+            else:
+                await self.app(scope, watching_receive, recording_send)
+        except (ClientDisconnect, asyncio.CancelledError):
+            gone = gone or not status
+            raise
         finally:
             self.metrics.in_progress.dec()
-            self.metrics.requests.labels(label, str(status)).inc()
-            self.metrics.request_latency.labels(label).observe(time.perf_counter() - started)
+            self.metrics.observe_request(label, 499 if gone else status or 500, protocol, time.perf_counter() - started)
+
+    def _refusal(self, scope: Scope, name: str, version: int | None, protocol: str) -> Response | None:
+        if scope.get("method") != "POST" or not self._authorised(scope):
+            return None
+        try:
+            self.dataplane.admit(name, version, 1)
+        except ServiceError as exc:
+            body = {"error": exc.detail} if protocol == "v2-rest" else {"detail": exc.detail}
+            return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return None
+
+    def _authorised(self, scope: Scope) -> bool:
+        if not self.api_key:
+            return True
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-api-key")
+        if given is None:
+            bearer = headers.get(b"authorization", b"")
+            given = bearer[7:] if bearer[:7].lower() == b"bearer " else None
+        return given is not None and hmac.compare_digest(given, self.api_key.encode())

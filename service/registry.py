@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,14 +22,14 @@ from kos_core.artifact import INPUT_NAME, OUTPUT_NAME, PRECISION_FILENAMES, Mode
 from kos_core.layout import list_models, model_path, repository_problems, served_file
 
 from .batcher import Batcher
-from .errors import ModelNotFound, ModelNotReady
+from .errors import ModelFailed, ModelNotFound, ModelNotReady
 from .metrics import Metrics
 from .runtime import Device, DeviceUnavailable, create_session, pad_size, warmup_batch_sizes
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-State = Literal["loading", "ready", "failed"]
+State = Literal["loading", "ready", "failed", "closed"]
 Stamp = tuple[int, int, int]
 # The stamps of every file a version may be served from (its variant and model.onnx): any of them
 # appearing, changing or disappearing reloads the version.
@@ -49,6 +50,8 @@ class ServedModel:
     lone_session: ort.InferenceSession | None = field(default=None, repr=False)
     fingerprint: Fingerprint | None = None
     batcher: Batcher | None = field(default=None, repr=False)
+    # Loaded at start-up (True), or added to a running service by a repository scan (False).
+    at_start: bool = True
 
     @property
     def precision(self) -> str | None:
@@ -68,6 +71,26 @@ class ServedModel:
         session = self.lone_session or self.session
         assert session is not None
         return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+
+    async def close(self) -> None:
+        """Drain the batcher (queued images and lone runs finish), then release the sessions at once.
+
+        The batcher holds this version's bound `run`, so the two form a reference cycle; breaking it
+        here frees the sessions (and on CUDA their device memory) now rather than whenever the cyclic
+        garbage collector runs, so repeated swaps cannot exhaust a GPU.
+        """
+        batcher, self.batcher = self.batcher, None
+        if batcher is not None:
+            await batcher.close()
+            batcher.forget_metrics()
+            batcher._run_batch = batcher._run_lone = _closed
+        self.session = self.lone_session = None
+        if self.state == "ready":
+            self.state = "closed"
+
+
+def _closed(images: np.ndarray) -> np.ndarray:
+    raise RuntimeError("this model version is closed")
 
 
 def stamp(path: Path) -> Stamp | None:
@@ -157,10 +180,11 @@ def load_model(name: str, version: int, path: Path, settings: Settings, device: 
 class Registry:
     """Every model version in the repository, by name and version, each with its batcher."""
 
-    def __init__(self, settings: Settings, device: Device, metrics: Metrics):
+    def __init__(self, settings: Settings, device: Device, metrics: Metrics, decode_pool: Executor | None = None):
         self.settings = settings
         self.device = device
         self.metrics = metrics
+        self.decode_pool = decode_pool
         self.models: dict[str, dict[int, ServedModel]] = {}
         self._missing: dict[tuple[str, int], int] = {}
         self._refused: dict[tuple[str, int], Fingerprint | None] = {}
@@ -224,6 +248,7 @@ class Registry:
             workers=settings.inference_workers,
             metrics=self.metrics,
             pad_to=(lambda n: pad_size(n, max_batch)) if self.device.is_cuda else None,
+            decode_pool=self.decode_pool,
         )
         served.batcher.start()
 
@@ -239,7 +264,16 @@ class Registry:
                     continue
                 if (name, version) in self._refused and self._refused[(name, version)] == fp:
                     continue  # this very file already failed to load beside a working version
+                if current is None:
+                    # Visible while it loads: /health and /models list it as loading.
+                    self.models.setdefault(name, {})[version] = ServedModel(
+                        name,
+                        version,
+                        served_file(self.settings.repository, name, version, self.settings.precision),
+                        at_start=False,
+                    )
                 new = await asyncio.to_thread(self._load, name, version)
+                new.at_start = current.at_start if current is not None else False
                 if new.state != "ready" and current is not None and current.state == "ready":
                     # Keep serving the working file; the failure is logged and counted in kos_model_loads.
                     self._refused[(name, version)] = fp
@@ -249,8 +283,8 @@ class Registry:
                 self._attach_batcher(new)
                 self.models.setdefault(name, {})[version] = new
                 changes.append(f"{name} v{version}: {'replaced' if current else 'added'} ({new.state})")
-                if current is not None and current.batcher is not None:
-                    await current.batcher.close()  # finishes the images it already holds
+                if current is not None:
+                    await current.close()  # finishes the images it already holds, then frees its sessions
             for name, versions in list(self.models.items()):
                 for version in list(versions):
                     if (name, version) in found:
@@ -262,10 +296,10 @@ class Registry:
                     gone = versions.pop(version)
                     self._missing.pop((name, version), None)
                     changes.append(f"{name} v{version}: removed")
-                    if gone.batcher is not None:
-                        await gone.batcher.close()
+                    await gone.close()
                 if not versions:
                     del self.models[name]
+                    self.metrics.forget_model(name)
             for change in changes:
                 log.info("repository change: %s", change)
             return changes
@@ -294,8 +328,21 @@ class Registry:
                 log.exception("scanning the model repository %s failed", self.settings.repository)
 
     async def close(self) -> None:
-        """Finish every queued image of every model, then stop the batchers."""
-        await asyncio.gather(*(m.batcher.close() for m in self.all() if m.batcher is not None))
+        """Finish every queued image of every model, then stop the batchers and free the sessions."""
+        await asyncio.gather(*(m.close() for m in self.all()))
+
+    def ready(self) -> bool:
+        """Ready when every model name has a ready version.
+
+        Readiness is per name: a new version that is loading or failed while an older one serves
+        does not take the node out of a load balancer. A name first seen by a scan of the running
+        service does not count until it is ready, so one bad file dropped into a shared repository
+        does not take every replica out.
+        """
+        models = self.all()
+        serving = {m.name for m in models if m.state == "ready"}
+        counted = {m.name for m in models if m.at_start or m.name in serving}
+        return bool(serving) and counted <= serving
 
     def versions(self, name: str) -> list[ServedModel]:
         """Every version of `name`, ascending, whatever its state; 404 if the name is unknown."""
@@ -313,9 +360,12 @@ class Registry:
         if version not in versions:
             raise ModelNotFound(f"model {name!r} has no version {version} (versions: {sorted(versions)})")
         served = versions[version]
+        if served.state == "failed":
+            raise ModelFailed(
+                f"model {name!r} version {version} failed to load: an operator must fix or replace its file (GET /health says why)"
+            )
         if served.state != "ready" or served.batcher is None:
-            why = "it failed to load (GET /health says why)" if served.state == "failed" else "not ready yet"
-            raise ModelNotReady(f"model {name!r} version {version} is {served.state}: {why}", retry_after=5)
+            raise ModelNotReady(f"model {name!r} version {version} is {served.state}: not ready yet", retry_after=2)
         return served
 
     def all(self) -> list[ServedModel]:

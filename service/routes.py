@@ -10,24 +10,26 @@ from fastapi import APIRouter, File, Path, Query, Request, Security, UploadFile
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from .dataplane import Classification, DataPlane, EncodedImage
 from .errors import (
     BadRequest,
     DeadlineExceeded,
     ImageTooLarge,
     InferenceFailed,
+    ModelFailed,
     ModelNotFound,
     ModelNotReady,
+    OutOfMemory,
     PayloadTooLarge,
     QueueFull,
     Unauthorized,
     UnsupportedImage,
     error_responses,
 )
-from .inference import Upload, predict
 from .metrics import CONTENT_TYPE
 from .middleware import ARRIVAL_KEY
 from .registry import Registry, ServedModel
-from .schemas import DeviceInfo, HealthResponse, ModelHealth, ModelInfo, ModelsResponse, PredictResponse
+from .schemas import ClassScore, DeviceInfo, HealthResponse, ModelHealth, ModelInfo, ModelsResponse, Prediction, PredictResponse
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="Needed only when the service has an API key.")
 _bearer = HTTPBearer(auto_error=False, description="The API key as a Bearer token, instead of X-API-Key.")
@@ -76,6 +78,7 @@ def _info(m: ServedModel) -> ModelInfo:
         architecture=meta.architecture if meta else None,
         dataset=meta.dataset if meta else None,
         metrics=meta.metrics if meta else None,
+        parity=meta.parity if meta else None,
     )
 
 
@@ -94,6 +97,8 @@ def _info(m: ServedModel) -> ModelInfo:
         BadRequest,
         QueueFull,
         ModelNotReady,
+        ModelFailed,
+        OutOfMemory,
         DeadlineExceeded,
         InferenceFailed,
     ),
@@ -105,17 +110,24 @@ async def predict_route(
     top_k: Annotated[int, Query(ge=1, description="How many classes to return per image (capped at the number of classes).")] = 5,
     version: Annotated[int | None, Query(ge=1, description="Model version; the highest ready one when left out.")] = None,
 ) -> Response:
-    settings = request.app.state.settings
-    if len(files) > settings.max_files_per_request:
-        raise BadRequest(f"{len(files)} files is more than the limit of {settings.max_files_per_request} per request")
-    uploads = [Upload(filename=f.filename or f"file{i}", data=await f.read()) for i, f in enumerate(files)]
-    deadline = request.scope.get(ARRIVAL_KEY, time.monotonic()) + settings.request_timeout_s
-    answer = await predict(
-        _registry(request), model, version, uploads, top_k, settings.max_image_pixels, deadline, request.app.state.decoder
-    )
+    dataplane: DataPlane = request.app.state.dataplane
+    dataplane.admit(model, version, len(files))
+    images = [EncodedImage(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
+    deadline = request.scope.get(ARRIVAL_KEY, time.monotonic()) + dataplane.settings.request_timeout_s
+    result = await dataplane.classify_files(model, version, images, deadline, protocol="multipart")
     # Serialised straight from the model we built, rather than validated again against
     # `response_model` (which still documents the shape): that is a fair share of a request's CPU.
-    return Response(answer.model_dump_json(), media_type="application/json")
+    return Response(_predict_answer(result, images, top_k).model_dump_json(), media_type="application/json")
+
+
+def _predict_answer(result: Classification, images: list[EncodedImage], top_k: int) -> PredictResponse:
+    predictions = []
+    for row, image in enumerate(images):
+        scores = [ClassScore(label=label, index=index, probability=p) for index, label, p in result.top_k(row, top_k)]
+        predictions.append(
+            Prediction(filename=image.filename, label=scores[0].label, probability=scores[0].probability, top_k=scores)
+        )
+    return PredictResponse(model=result.model, version=result.version, predictions=predictions)
 
 
 @router.get(
@@ -129,10 +141,8 @@ async def predict_route(
 async def health(request: Request) -> JSONResponse:
     registry = _registry(request)
     models = registry.all()
-    # Readiness is per model name: a new version that is loading or failed to load while an older one
-    # serves must not take the node out of a load balancer; the body still lists every version's state.
-    serving = {m.name for m in models if m.state == "ready"}
-    ready = bool(models) and all(m.name in serving for m in models)
+    # The body lists every version's state, also of those that do not count for readiness.
+    ready = registry.ready()
     body = HealthResponse(
         status="ready" if ready else "unavailable",
         device=DeviceInfo(providers=list(registry.device.providers), reason=registry.device.reason),

@@ -47,6 +47,7 @@ def cuda_problem() -> str | None:
         return "this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)"
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    previous = 2  # onnxruntime's default; it has no getter
     # onnxruntime prints the missing libraries in colour on stderr, outside any log format; the
     # reason is reported once, in plain words, by the caller (and in /health).
     ort.set_default_logger_severity(4)
@@ -58,7 +59,7 @@ def cuda_problem() -> str | None:
     except Exception as exc:  # a broken driver shows up here rather than in the first request
         return f"CUDA failed a test run: {type(exc).__name__}: {exc}"
     finally:
-        ort.set_default_logger_severity(2)
+        ort.set_default_logger_severity(previous)
     return None
 
 

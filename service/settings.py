@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest image (width x height) decoded; checked before decoding."
     )
+    max_request_pixels: int = Field(
+        200_000_000,
+        ge=1,
+        description="Most pixels (width x height, summed over its images, read from their headers) one request may carry; "
+        "beyond it the request gets 413. Bounds what a request of many small but highly compressible files costs to decode.",
+    )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session (0: onnxruntime decides).")
     inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads per session (0: onnxruntime decides).")
     intra_op_spinning: bool = Field(

@@ -475,6 +475,7 @@ def evaluate(run_dir: Path, folder: Path | None = None, batch_size: int = 256) -
     import keras
 
     from kos_core.artifact import InputSpec
+    from kos_core.errors import ImageFolderError
     from kos_core.imagefolder import load_folder
 
     from .reports import evaluation_metrics, per_class_report
@@ -490,9 +491,11 @@ def evaluate(run_dir: Path, folder: Path | None = None, batch_size: int = 256) -
         source = f"{run_dir / TEST_SPLIT_FILE}"
     else:
         height, width, _ = record["input_shape"]
-        images = load_folder(
-            folder, InputSpec(height, width, record["color_mode"], record.get("resize_method", "bilinear")), labels=labels
-        )
+        spec = InputSpec(height, width, record["color_mode"], record.get("resize_method", "bilinear"))
+        try:
+            images = load_folder(folder, spec, labels=labels)
+        except ImageFolderError as exc:
+            raise TrainingError(str(exc)) from None
         x, y, source = images.x, images.y, str(folder)
     model = keras.models.load_model(run_dir / MODEL_FILE)
     probabilities = predict(model, x, batch_size)

@@ -197,3 +197,23 @@ def test_no_mutation_of_an_images_header_escapes_as_anything_but_a_4xx():
                 decode_image(bytes(data), "fuzzed", RGB32, 10**7)
             except (UnsupportedImage, ImageTooLarge):
                 pass
+
+
+def test_an_mpo_photo_decodes_like_the_jpeg_it_starts_with():
+    # Many cameras and phones write Multi-Picture JPEGs; Pillow names them MPO.
+    first, second = base_rgb((64, 48)), base_rgb((64, 48)).rotate(90)
+    buffer = io.BytesIO()
+    first.save(buffer, format="MPO", save_all=True, append_images=[second], quality=95)
+    data = buffer.getvalue()
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    jpeg = encode(first, "JPEG", quality=95)
+    np.testing.assert_array_equal(decode_image(data, "phone.jpg", RGB32, 10**7), decode_image(jpeg, "plain.jpg", RGB32, 10**7))
+
+
+def test_running_out_of_memory_is_not_called_a_bad_file(monkeypatch):
+    def exhausted(self, *args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(Image.Image, "load", exhausted)  # no real way to exhaust memory in a test
+    with pytest.raises(MemoryError):
+        decode_image(encode(base_rgb(), "PNG"), "x.png", RGB32, 10**7)

@@ -36,8 +36,10 @@ async def test_an_app_built_from_its_own_settings_loads_serves_and_drains_in_its
     # Ten images with batches of at most four: the request spanned at least three batches.
     assert metric_value(metrics, "kos_batch_size_count", model="digits") >= 3
     assert metric_value(metrics, "kos_images_total", model="digits") == 10
-    served = app.state.registry.get("digits")
-    assert served.batcher is not None and served.batcher._closing, "the lifespan's end closes the batchers"
+    served = app.state.registry.models["digits"][1]
+    assert served.state == "closed" and served.batcher is None and served.session is None, (
+        "the lifespan's end drains the batchers and frees the sessions"
+    )
     assert np.isfinite([p["probability"] for p in r.json()["predictions"]]).all()
 
 
@@ -59,6 +61,35 @@ async def test_a_broken_replacement_is_refused_and_a_removed_version_is_unloaded
     assert await registry.refresh() == ["digits v1: removed"]
     with pytest.raises(ModelNotFound):
         registry.get("digits")
+    await registry.close()
+
+
+async def test_a_swapped_out_version_frees_its_session_at_once_not_when_the_garbage_collector_runs(tmp_path, exported):
+    import gc
+    import weakref
+
+    repository = make_repository(tmp_path / "models", {"digits": exported["digits"]})
+    metrics = Metrics()
+    registry = Registry(Settings(repository=repository, watch_interval_s=0), resolve_device("cpu"), metrics)
+    registry.load_all()
+    registry.start()
+    old = registry.get("digits")
+    session = weakref.ref(old.session)
+    replacement = tmp_path / "replacement.onnx"
+    shutil.copyfile(model_path(repository, "digits", 1), replacement)
+    gc.disable()  # only reference counting may free it
+    try:
+        os.replace(replacement, model_path(repository, "digits", 1))
+        assert await registry.refresh() == ["digits v1: replaced (ready)"]
+        assert session() is None, "the old session outlived the swap"
+        assert old.state == "closed" and old.batcher is None
+    finally:
+        gc.enable()
+    shutil.rmtree(repository / "digits")
+    await registry.refresh()
+    await registry.refresh()
+    text = metrics.render().decode()
+    assert 'model="digits"' not in text, "an unloaded model leaves no metric series behind"
     await registry.close()
 
 
@@ -220,3 +251,27 @@ def test_the_openapi_document_shows_the_api_key_schemes_only_when_a_key_is_confi
     schemes = keyed_app.openapi()["components"]["securitySchemes"]
     assert {s["type"] for s in schemes.values()} == {"apiKey", "http"}
     assert keyed_app.openapi()["paths"]["/predict/{model}"]["post"]["security"]
+
+
+async def test_a_request_over_its_pixel_budget_is_413_and_a_memory_error_503_and_nothing_runs(tmp_path, exported, monkeypatch):
+    repository = make_repository(tmp_path, {"digits": exported["digits"]})
+    # Each 100x100 image is within the per-image limit; three of them are over the request's budget.
+    settings = Settings(repository=repository, watch_interval_s=0, max_request_pixels=25_000)
+    app = create_app(settings, resolve_device("cpu"))
+    big = png_bytes(np.zeros((100, 100), np.uint8))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            r = await client.post("/predict/digits", files=[("files", (f"b{i}.png", big, "image/png")) for i in range(3)])
+            assert r.status_code == 413 and "25000 pixels per request" in r.json()["detail"], r.text
+            import service.dataplane
+
+            def exhausted(*args, **kwargs):
+                raise MemoryError
+
+            monkeypatch.setattr(service.dataplane, "decode_image", exhausted)  # what decode_image lets through
+            r = await client.post("/predict/digits", files=[("files", ("b.png", big, "image/png"))])
+            assert r.status_code == 503 and "ran out of memory" in r.json()["detail"] and "Retry-After" in r.headers
+            monkeypatch.undo()
+            assert (await client.post("/predict/digits", files=[("files", ("b.png", big, "image/png"))])).status_code == 200
+            metrics = (await client.get("/metrics")).text
+    assert metric_value(metrics, "kos_images_total", model="digits") == 1, "only the last request ran"

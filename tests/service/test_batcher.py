@@ -70,9 +70,8 @@ def later(seconds: float) -> float:
 async def test_concurrent_requests_share_batches_and_each_gets_its_own_rows(make_batcher, digits_run):
     batcher = make_batcher(digits_run)
     requests = [images(1 + i % 3, seed=i) for i in range(12)]
-    for b in requests:
-        batcher.announce(len(b))  # all of them are "decoding" when the first arrives
-    results = await asyncio.gather(*(batcher.submit(b, later(10)) for b in requests))
+    announcements = [batcher.announce(len(b)) for b in requests]  # all of them are "decoding" when the first arrives
+    results = await asyncio.gather(*(batcher.submit(b, later(10), a) for b, a in zip(requests, announcements)))
     expected = digits_run.session.run(["probabilities"], {"image": np.concatenate(requests)})[0]
     np.testing.assert_allclose(np.concatenate(results), expected, atol=1e-5)
     sizes = [len(b) for b in digits_run.batches]
@@ -197,16 +196,16 @@ async def test_an_idle_batcher_runs_a_lone_request_in_one_trip_and_keeps_image_e
     assert batcher.idle()
     one = images(1)
     np.testing.assert_allclose(
-        await batcher.run_alone(lambda: one), digits_run.session.run(["probabilities"], {"image": one})[0], atol=1e-5
+        await batcher.infer([lambda: one[0]], later(10)), digits_run.session.run(["probabilities"], {"image": one})[0], atol=1e-5
     )
 
     def bad_image() -> np.ndarray:
         raise UnsupportedImage("x.png: not a readable image")
 
     with pytest.raises(UnsupportedImage, match="x.png"):
-        await batcher.run_alone(bad_image)
+        await batcher.infer([bad_image], later(10))
     with pytest.raises(InferenceFailed):
-        await batcher.run_alone(lambda: np.full((1, 8, 8, 1), 255, np.uint8))
+        await batcher.infer(np.full((1, 8, 8, 1), 255, np.uint8), later(10))
     text = batcher._metrics.render().decode()
     assert metric_value(text, "kos_batch_failures_total") == 1  # the bad image is not a model failure
     assert metric_value(text, "kos_images_total") == 1
@@ -220,7 +219,7 @@ async def test_a_lone_request_runs_on_the_lone_function_and_batches_on_the_batch
     lone = DigitsRun(model_path(BUNDLED_REPOSITORY, "digits", 1))
     batcher = make_batcher(digits_run, run_lone=lone)
     one = images(1)
-    await batcher.run_alone(lambda: one)
+    await batcher.infer(one, later(10))
     assert len(lone.batches) == 1 and not digits_run.batches
     await batcher.submit(images(2), later(10))
     assert len(lone.batches) == 1 and len(digits_run.batches) == 1
@@ -235,3 +234,88 @@ async def test_a_request_is_refused_before_decoding_when_queued_and_announced_im
     first.withdraw()
     second.withdraw()
     batcher.announce(4).withdraw()
+
+
+async def test_images_of_requests_that_gave_up_no_longer_count_as_queued(make_batcher, digits_run):
+    digits_run.gate.clear()  # the first batch blocks: everything after it waits
+    batcher = make_batcher(digits_run, max_batch_size=1, queue_size=4)
+    blocker = asyncio.ensure_future(batcher.submit(images(1), later(30)))
+    await asyncio.sleep(0.2)
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(images(3, seed=1), later(0.2))
+    assert batcher.depth == 0, "answered 504, its images hold no queue places"
+    # The queue has room for a full request again, though the gatherer has not reached the dead images.
+    waiting = asyncio.ensure_future(batcher.submit(images(4, seed=2), later(30)))
+    await asyncio.sleep(0.05)
+    assert batcher.depth == 4
+    text = batcher._metrics.render().decode()
+    assert metric_value(text, "kos_queue_depth", model="digits", version="1") == 4
+    digits_run.gate.set()
+    assert len(await blocker) == 1 and len(await waiting) == 4
+
+
+async def test_every_expired_image_is_counted_whichever_side_noticed(make_batcher, digits_run):
+    digits_run.gate.clear()
+    batcher = make_batcher(digits_run, max_batch_size=1)
+    blocker = asyncio.ensure_future(batcher.submit(images(1), later(30)))
+    await asyncio.sleep(0.2)
+    with pytest.raises(DeadlineExceeded):  # noticed by the waiting request
+        await batcher.submit(images(3, seed=1), later(0.2))
+    with pytest.raises(DeadlineExceeded):  # already past on arrival
+        await batcher.infer(images(2, seed=2), later(-1))
+    digits_run.gate.set()
+    await blocker
+    assert metric_value(batcher._metrics.render().decode(), "kos_deadline_expired_images_total", model="digits") == 5
+
+
+async def test_a_lone_run_holds_the_only_worker_so_a_batch_formed_meanwhile_can_still_expire(make_batcher, digits_run):
+    lone = DigitsRun(model_path(BUNDLED_REPOSITORY, "digits", 1))
+    lone.gate.clear()
+    batcher = make_batcher(digits_run, run_lone=lone, max_batch_size=4)
+    alone = asyncio.ensure_future(batcher.infer(images(1), later(30)))
+    await asyncio.sleep(0.1)
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(images(2, seed=1), later(0.3))
+    lone.gate.set()
+    assert len(await alone) == 1
+    assert not digits_run.batches, "the expired batch never ran"
+
+
+async def test_a_closing_batcher_refuses_new_work_but_takes_what_was_announced(make_batcher, digits_run):
+    batcher = make_batcher(digits_run)
+    announced = batcher.announce(2)
+    closing = asyncio.ensure_future(batcher.close())
+    await asyncio.sleep(0.05)
+    with pytest.raises(BatcherClosed):
+        batcher.announce(1)
+    rows = await batcher.submit(images(2), later(10), announced)
+    await closing
+    assert len(rows) == 2
+
+
+async def test_a_gatherer_that_dies_fails_what_waits_at_once_and_starts_again(make_batcher, digits_run):
+    batcher = make_batcher(digits_run, max_delay_s=0.0)
+    real = batcher._next_live
+    broken = {"times": 1}
+
+    async def once_broken(wait_s):
+        if broken["times"]:
+            broken["times"] -= 1
+            raise RuntimeError("gatherer bug")
+        return await real(wait_s)
+
+    batcher._next_live = once_broken
+    started = time.monotonic()
+    with pytest.raises(InferenceFailed):
+        await batcher.submit(images(2), later(30))
+    assert time.monotonic() - started < 5, "failed at once, not at the deadline"
+    assert batcher.healthy
+    assert len(await batcher.submit(images(2, seed=1), later(10))) == 2
+
+
+async def test_deadlines_follow_the_injected_clock(make_batcher, digits_run):
+    now = [1000.0]
+    batcher = make_batcher(digits_run, clock=lambda: now[0])
+    with pytest.raises(DeadlineExceeded):
+        await batcher.infer(images(1), 999.0)
+    assert len(await batcher.infer(images(1), 1001.0)) == 1

@@ -287,7 +287,8 @@ def test_a_model_that_fails_to_load_is_reported_and_the_others_are_served(tmp_pa
     assert "broken/1/model.onnx" in states["broken"]["error"] and str(tmp_path) not in states["broken"]["error"]
     assert states["digits"]["state"] == "ready"
     r = httpx.post(f"{server.url}/predict/broken", files=_pngs(np.zeros((1, 8, 8, 1), np.uint8)))
-    assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1 and "failed" in r.json()["detail"]
+    # Only an operator can fix a file that failed to load: no Retry-After that would invite retries.
+    assert r.status_code == 503 and "Retry-After" not in r.headers and "operator" in r.json()["detail"]
     assert str(tmp_path) not in r.text and "Protobuf" not in r.text
     listed = {m["name"]: m for m in httpx.get(f"{server.url}/models").json()["models"]}
     assert listed["broken"]["state"] == "failed"
@@ -530,3 +531,24 @@ def test_a_failed_new_version_leaves_the_node_ready_while_the_older_one_serves(t
     r = httpx.post(f"{server.url}/predict/digits", files=upload)
     assert r.status_code == 200 and r.json()["version"] == 1
     assert httpx.post(f"{server.url}/predict/digits?version=2", files=upload).status_code == 503
+
+
+async def test_a_client_that_goes_away_mid_upload_is_counted_499_not_as_a_server_error(start_server, bundled_repository):
+    import socket
+
+    server = start_server(bundled_repository)
+    head = (
+        "POST /predict/digits HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 100000\r\n\r\n--xyz\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port)) as conn:
+        conn.sendall(head.encode())
+        await asyncio.sleep(0.3)  # the body never comes: the client hangs up
+    for _ in range(50):
+        text = httpx.get(f"{server.url}/metrics").text
+        if 'status="499"' in text:
+            break
+        await asyncio.sleep(0.1)
+    assert metric_value(text, "kos_requests_total", model="digits", status="499", protocol="multipart") == 1, text
+    assert 'status="500"' not in text
+    assert httpx.get(f"{server.url}/health").status_code == 200

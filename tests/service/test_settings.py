@@ -52,6 +52,7 @@ def test_every_setting_is_a_flag_that_reaches_the_settings():
         "max_upload_bytes": "1000",
         "max_files_per_request": "9",
         "max_image_pixels": "100",
+        "max_request_pixels": "1000",
         "intra_op_threads": "2",
         "inter_op_threads": "1",
         "intra_op_spinning": "true",

@@ -1,0 +1,29 @@
+"""What starting the service does to the whole process, once, before the app is built.
+
+Kept out of the app factory so that building an app (in a test, say) changes nothing global.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnxruntime as ort
+
+from kos_core.imaging import allow_images_up_to
+
+from .runtime import Device, resolve_device
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+# onnxruntime's own log: warnings and errors only (its info lines are per-session chatter).
+ORT_LOG_SEVERITY = 2
+
+
+def prepare_process(settings: Settings) -> Device:
+    """Set Pillow's pixel limit and onnxruntime's log level, probe the device; raises DeviceUnavailable."""
+    allow_images_up_to(settings.max_image_pixels)
+    ort.set_default_logger_severity(ORT_LOG_SEVERITY)
+    device = resolve_device(settings.device)
+    log.info("%s", device.reason)
+    return device
