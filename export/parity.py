@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kos_core.artifact import INPUT_NAME, OUTPUT_NAME
+from kos_core.console import ProgressBar
 
 from .errors import ExportError
-from kos_core.console import ProgressBar
 
 if TYPE_CHECKING:
     import keras

@@ -95,7 +95,7 @@ def _add_train_arguments(train: argparse.ArgumentParser, defaults: TrainConfig) 
         default=defaults.epochs,
         help="most epochs; early stopping may end sooner. A transfer model from pretrained weights runs --epochs for "
         "its head and then --fine-tune-epochs more (10 by default): --epochs 1 runs up to 11 in all unless "
-        "--fine-tune-epochs 0; the run's first line says the total (default: %(default)s)",
+        "--fine-tune-epochs 0; the first lines a run prints say its total (default: %(default)s)",
     )
     fit.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step (default: %(default)s)")
     fit.add_argument(
@@ -222,6 +222,15 @@ def _add_train_arguments(train: argparse.ArgumentParser, defaults: TrainConfig) 
     )
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help text wrapped between words only: an option such as --fine-tune-epochs is never split across lines."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class _RecipeParser(argparse.ArgumentParser):
     """The train command's parser for a recipe's options: a bad value names the recipe instead of exiting."""
 
@@ -240,6 +249,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,recipes,evaluate,log,models,benchmark}")
     train = sub.add_parser(
         "train",
+        formatter_class=_HelpFormatter,
         help="train a model and write a run folder",
         description="Train a zoo model on a data set, evaluate it on the held-out test split, write the run folder "
         "and append a row to the training log. Early stopping restores the best weights; the learning rate drops on "
@@ -418,13 +428,13 @@ def _parse_train(argv: list[str]) -> tuple[argparse.Namespace, dict | None]:
         "path": chosen.path,
         "content": chosen.content,
         "options": chosen.train,
-        "overridden": {k: list(v) if isinstance(v, tuple) else (str(v) if isinstance(v, Path) else v) for k, v in overridden.items()},
+        "overridden": {
+            k: list(v) if isinstance(v, tuple) else (str(v) if isinstance(v, Path) else v) for k, v in overridden.items()
+        },
         "known_figure": chosen.known_figure,
         "figure_source": chosen.figure_source,
         "settings": chosen.settings(),
     }
-    if overridden:
-        print(f"recipe {chosen.name}: the command line overrides {', '.join(f'{k}={v}' for k, v in overridden.items())}")
     return merged, record
 
 
@@ -438,8 +448,9 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    # Before TensorFlow is imported: its native start-up lines (cuInit on a machine without a GPU) read like failures.
-    quiet_native_logs(verbose=getattr(args, "verbose", False))
+    if args.command in ("train", "evaluate", "benchmark"):
+        # Before TensorFlow is imported: its native start-up lines (cuInit on a machine without a GPU) read like failures.
+        quiet_native_logs(verbose=args.verbose)
     try:
         if args.command == "train":
             from .train import default_run_dir, train

@@ -115,6 +115,12 @@ class TrainConfig:
             raise TrainingError(f"fine-tune epochs must be 0 or more, not {self.fine_tune_epochs}")
         if self.color_mode not in (None, "grayscale", "rgb"):
             raise TrainingError(f"colour mode must be 'grayscale' or 'rgb', not {self.color_mode!r}")
+        for option, value in (
+            ("--generated-classes", self.generated_classes),
+            ("--generated-per-class", self.generated_per_class),
+        ):
+            if value is not None and self.dataset != "generated":
+                raise TrainingError(f"{option} shapes the generated data set only (--dataset generated), not {self.dataset!r}")
         if self.max_test_images < 1:
             raise TrainingError("max_test_images must be at least 1: export checks parity on those images")
 
@@ -347,7 +353,9 @@ def train(
     spec = models[config.model]
     # The first lines a run prints: what it trains, on what, and for how many epochs in all.
     if recipe is not None:
-        print(f"recipe {recipe['name']} ({recipe['path']})", flush=True)
+        changed = recipe.get("overridden") or {}
+        overrides = f", the command line overriding {', '.join(f'{k}={v}' for k, v in changed.items())}" if changed else ""
+        print(f"recipe {recipe['name']} ({recipe['path']}){overrides}", flush=True)
     print(f"{config.model} on {config.dataset}, {config.describe_plan(spec.transfer)}", flush=True)
     image_size, color_mode = config.image_size, config.color_mode
     if takes_model_size(config.dataset):
