@@ -72,20 +72,21 @@ def progress(message: str) -> None:
 # random weights is enough; the export still checks parity like any other, and since a network
 # trained this briefly may answer nearly alike for every image, its card says whether that check
 # was conclusive (--allow-inconclusive-parity lets the export through either way).
-MOBILENET_TRAIN = [
-    "--model", "mobilenet_v2", "--dataset", "generated", "--image-size", "224x224", "--color-mode", "rgb",
-    "--generated-classes", "10", "--generated-per-class", "20", "--weights", "none",
-    "--epochs", "2", "--batch-size", "8", "--seed", "0",
-]  # fmt: skip
+def mobilenet_training(side: int = 224) -> list[str]:
+    return [
+        "--model", "mobilenet_v2", "--dataset", "generated", "--image-size", f"{side}x{side}", "--color-mode", "rgb",
+        "--generated-classes", "10", "--generated-per-class", "20", "--weights", "none",
+        "--epochs", "2", "--batch-size", "8", "--seed", "0",
+    ]  # fmt: skip
 
 
-def build_mobilenet(cache: Path) -> Path:
+def build_mobilenet(cache: Path, side: int = 224) -> Path:
     """Train and export the benchmark's MobileNetV2 with the project's own command lines; returns the model file."""
     from kos_core.layout import model_path
 
     run_dir, repository = cache / "mobilenet-run", cache / "models"
     commands = [
-        ["-m", "training", "train", *MOBILENET_TRAIN, "--run-dir", str(run_dir), "--ledger", str(cache / "ledger.csv"),
+        ["-m", "training", "train", *mobilenet_training(side), "--run-dir", str(run_dir), "--ledger", str(cache / "ledger.csv"),
          "--overwrite", "--note", "serve_bench's MobileNetV2"],
         ["-m", "export", str(run_dir), "--name", "mobilenet", "--version", "1", "--overwrite", "--repository",
          str(repository), "--allow-inconclusive-parity"],
