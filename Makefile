@@ -46,7 +46,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/lint-imports
 
 models: $(VENV)/.installed-dev
-	$(BIN)/python -m training train --model digits_cnn --dataset digits --seed 0 --run-dir runs/digits --overwrite
+	$(BIN)/python -m training train --recipe digits --run-dir runs/digits --overwrite
 	$(BIN)/python -m export runs/digits --name digits --version 1 --overwrite --repository models
 
 clean:

@@ -8,9 +8,10 @@ latency of one image, and throughput at a larger batch. Prints a table and write
     python benchmarks/export_variants.py --run runs/digits
     python benchmarks/export_variants.py --generated cifar10_cnn     # a zoo model fitted briefly on generated images
 
-`--generated` builds the zoo model, fits it for a few epochs on generated images (a fixed random
-template per class under noise: learnable, and needing no download), and writes a run folder in
-the format training writes; int8 is calibrated on its generated training images. Variants are
+`--generated` trains the zoo model for a few epochs on the generated data set (a fixed random
+template per class under noise: learnable, and needing no download) with `python -m training
+train`, so the run folder is a real one; int8 is calibrated on its training images, reloaded from
+the run's record as for any run. Variants are
 kept even when they lose accuracy (forced), so the table always shows what each one costs.
 """
 
@@ -32,40 +33,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def generated_run(model_name: str, run_dir: Path, epochs: int, seed: int = 0) -> np.ndarray:
-    """Fit a zoo model on generated images and write its run folder; returns the training images for calibration."""
-    import keras
+def generated_run(model_name: str, run_dir: Path, epochs: int, seed: int = 0) -> None:
+    """Train a zoo model on the generated data set with `python -m training train`, as a user would."""
+    import subprocess
 
-    from training.datasets import template_images
-    from training.models import zoo
-
-    spec = zoo()[model_name]
-    shape = (*spec.default_size, 1 if spec.default_color_mode == "grayscale" else 3)
-    classes = 10
-    keras.utils.set_random_seed(seed)
-    x, y = template_images(shape, classes, 100, seed)
-    x_test, y_test = template_images(shape, classes, 50, seed + 1)
-    options = {"weights": None} if spec.transfer else {}
-    model = spec.build(shape, classes, **options)
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    # Small batches: many steps, so batch norm's moving statistics (used at inference) settle.
-    model.fit(x, y, epochs=epochs, batch_size=8, verbose=2)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model.save(run_dir / "model.keras")
-    np.savez_compressed(run_dir / "test_split.npz", x=x_test, y=y_test)
-    accuracy = float((np.asarray(model.predict(x_test, verbose=0)).argmax(1) == y_test).mean())
-    record = {
-        "run": run_dir.name,
-        "config": {"model": model_name, "dataset": "generated", "seed": seed, "epochs": epochs},
-        "dataset": "generated",
-        "labels": [f"class{i}" for i in range(classes)],
-        "input_shape": list(shape),
-        "color_mode": spec.default_color_mode,
-        "resize_method": "bilinear",
-        "metrics": {"test_accuracy": accuracy},
-    }
-    (run_dir / "run.json").write_text(json.dumps(record, indent=2))
-    return x
+    command = [
+        sys.executable, "-m", "training", "train", "--model", model_name, "--dataset", "generated",
+        "--generated-classes", "10", "--generated-per-class", "150", "--epochs", str(epochs), "--batch-size", "8",
+        "--learning-rate", "0.0003", "--weights", "none", "--seed", str(seed), "--run-dir", str(run_dir),
+        "--ledger", str(run_dir.parent / "ledger.csv"),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, cwd=ROOT)
 
 
 def measure(
@@ -138,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = args.run
         if args.generated:
             run_dir = Path(scratch) / "run"
-            print(f"fitting {args.generated} on generated images for {args.epochs} epochs", file=sys.stderr)
-            calibration = generated_run(args.generated, run_dir, args.epochs)[:200]
+            print(f"training {args.generated} on the generated data set for {args.epochs} epochs", file=sys.stderr)
+            generated_run(args.generated, run_dir, args.epochs)
         run = load_run(run_dir)
         repository = Path(scratch) / "models"
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -15,7 +14,9 @@ test metrics, parity figures and tool versions inside the file.
 
 Every export is verified before anything is written: augmentation layers must be gone from the
 graph and preprocessing layers present; Keras and onnxruntime must give the same answers on
-held-out images (largest probability difference <= 1e-4, same top-1 class on every image). A
+held-out images (largest probability difference <= 1e-4, same top-1 class on every image), and
+those answers must depend on the image (some class's probability varies by 1e-3 or more across
+the images; otherwise parity is inconclusive and refused unless --allow-inconclusive-parity). A
 refused export writes nothing. Writing is atomic, so a service watching the repository never
 loads half a model. A model card is printed at the end.
 """
@@ -92,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"keep a variant that loses more than {MAX_ACCURACY_DROP_POINTS:g} point of accuracy",
     )
     parser.add_argument(
+        "--allow-inconclusive-parity",
+        action="store_true",
+        help="export even when the held-out images do not move the model's answers (a backbone with random weights "
+        "answers alike for every image), so parity cannot prove anything; the card and metadata say inconclusive",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show everything TensorFlow prints, its native start-up lines included"
+    )
+    parser.add_argument(
         "--calibration-images", type=Path, help="folder of training images to calibrate int8 on (default: the run's data set)"
     )
     parser.add_argument(
@@ -124,8 +134,10 @@ def run_show(argv: list[str]) -> None:
 
 def run_export(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
-    # TensorFlow's start-up chatter hides the answer; set before TensorFlow is imported.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from kos_core.console import quiet_native_logs
+
+    # TensorFlow's start-up chatter (cuInit on a machine without a GPU) reads like a failure; before TensorFlow loads.
+    quiet_native_logs(verbose=args.verbose)
     from .card import model_card
     from .errors import ExportError
     from .exporter import export
@@ -149,6 +161,7 @@ def run_export(argv: list[str]) -> None:
             variants=args.variants,
             calibration=calibration,
             force_variants=args.force_variants,
+            allow_inconclusive_parity=args.allow_inconclusive_parity,
             opset=args.opset,
             show_progress=True,
         )

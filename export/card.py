@@ -62,9 +62,12 @@ def model_card(meta: ModelMetadata, model_file: Path | None = None) -> str:
     p = meta.parity
     if p:
         verdict = "passed" if p.get("passed") else "FAILED"
+        if p.get("passed") and p.get("conclusive") is False:
+            verdict = f"{p.get('verdict')} (exported with --allow-inconclusive-parity), agreement"
+        spread = f", answers spread {float(p['output_spread']):.1e} across images" if "output_spread" in p else ""
         lines.append(
             f"  parity     {verdict} on {p.get('images')} held-out images: max |prob diff| {float(p.get('max_abs_difference', 0)):.2e} "
-            f"(limit {float(p.get('threshold', 1e-4)):.0e}), top-1 agreement {100 * float(p.get('top1_agreement', 0)):.2f}%"
+            f"(limit {float(p.get('threshold', 1e-4)):.0e}), top-1 agreement {100 * float(p.get('top1_agreement', 0)):.2f}%{spread}"
         )
     if meta.graph_checks:
         removed = ", ".join(meta.graph_checks.get("augmentation_removed", [])) or "none in the model"

@@ -87,10 +87,25 @@ def to_onnx(model: keras.Model, opset: int = OPSET) -> onnx.ModelProto:
     with _quiet_optimizer_warnings():
         proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
     _inline_captured_tensors(proto, captured)
+    name_batch_dimension(proto)
     extra = [i.name for i in proto.graph.input if i.name != INPUT_NAME]
     if extra:
         raise ExportError(f"the converted graph needs inputs besides {INPUT_NAME!r}: {extra}")
     return proto
+
+
+BATCH_DIMENSION = "batch"
+
+
+def name_batch_dimension(proto: onnx.ModelProto) -> None:
+    """Call the dynamic first dimension `batch` wherever it appears, instead of tf2onnx's `unk__105`."""
+    graph = proto.graph
+    first = graph.input[0].type.tensor_type.shape.dim[0]
+    generated = first.dim_param
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and (dims[0].dim_param == generated or (value in graph.output and not dims[0].HasField("dim_value"))):
+            dims[0].dim_param = BATCH_DIMENSION
 
 
 @contextmanager

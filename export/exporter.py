@@ -16,6 +16,7 @@ from kos_core.artifact import PRECISION_FILENAMES, ModelMetadata
 from .convert import OPSET, GraphReport, check_graph, to_onnx
 from .errors import ExportError
 from .parity import (
+    INCONCLUSIVE,
     Parity,
     VariantCheck,
     check_outputs_are_probabilities,
@@ -74,6 +75,7 @@ def export(
     variants: Sequence[str] = (),
     calibration: np.ndarray | None = None,
     force_variants: bool = False,
+    allow_inconclusive_parity: bool = False,
     opset: int = OPSET,
     converter: Callable = to_onnx,
     progress: Callable[[str], None] = _stderr,
@@ -83,7 +85,8 @@ def export(
 
     `images` replaces the run's test split as the held-out set; `calibration` gives int8 its
     training images instead of reloading the run's data set. `progress` hears each step;
-    `show_progress` draws progress bars on stderr over the images.
+    `show_progress` draws progress bars on stderr over the images. A parity whose held-out
+    answers do not vary with the image is refused unless `allow_inconclusive_parity`.
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -132,7 +135,9 @@ def export(
 
     progress(f"[3/{steps}] parity: onnxruntime against Keras on the same {len(held_out.x)} images")
     got = onnx_probabilities(proto, held_out.x, show_progress=show_progress)
-    parity = check_parity(expected, got)
+    parity = check_parity(expected, got, allow_inconclusive=allow_inconclusive_parity)
+    if not parity.conclusive:
+        progress(f"parity {INCONCLUSIVE} (exported anyway, as --allow-inconclusive-parity asks)")
 
     checks: dict[str, VariantCheck] = {}
     protos = {"float32": proto}

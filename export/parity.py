@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kos_core.artifact import INPUT_NAME, OUTPUT_NAME
+from kos_core.console import ProgressBar
 
 from .errors import ExportError
-from .progress import ProgressBar
 
 if TYPE_CHECKING:
     import keras
@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 MAX_PROBABILITY_DIFFERENCE = 1e-4
+# Below this spread of a class's probability across the held-out images, the answers barely depend
+# on the image: ten times the parity limit, so agreeing within the limit could not tell such a
+# model from a constant.
+MIN_OUTPUT_SPREAD = 1e-3
+INCONCLUSIVE = "inconclusive: the model's output does not depend on its input"
 MAX_ACCURACY_DROP_POINTS = 1.0
 BATCH_SIZE = 64
 
@@ -29,19 +34,43 @@ class Parity:
     max_abs_difference: float
     top1_agreement: float
     threshold: float = MAX_PROBABILITY_DIFFERENCE
+    output_spread: float = float("nan")  # largest range of one class's probability across the images
+    min_spread: float = MIN_OUTPUT_SPREAD
 
     @property
     def passed(self) -> bool:
         return self.max_abs_difference <= self.threshold and self.top1_agreement == 1.0
 
-    def as_metadata(self) -> dict[str, float | int | bool]:
+    @property
+    def conclusive(self) -> bool:
+        """Whether the images moved the model's answers enough for agreement on them to mean anything."""
+        return self.images >= 2 and self.output_spread >= self.min_spread
+
+    @property
+    def verdict(self) -> str:
+        if not self.passed:
+            return "failed"
+        return "passed" if self.conclusive else INCONCLUSIVE
+
+    def as_metadata(self) -> dict[str, float | int | bool | str]:
         return {
             "images": self.images,
             "max_abs_difference": self.max_abs_difference,
             "top1_agreement": self.top1_agreement,
             "threshold": self.threshold,
+            "output_spread": self.output_spread,
+            "min_output_spread": self.min_spread,
+            "conclusive": self.conclusive,
+            "verdict": self.verdict,
             "passed": self.passed,
         }
+
+
+def output_spread(probabilities: np.ndarray) -> float:
+    """How far the held-out images move the answers: the largest range of one class's probability across them."""
+    if len(probabilities) < 2:
+        return 0.0
+    return float((probabilities.max(0) - probabilities.min(0)).max())
 
 
 def session_for(proto: onnx.ModelProto) -> ort.InferenceSession:
@@ -94,11 +123,17 @@ def compare(expected: np.ndarray, got: np.ndarray) -> Parity:
         images=len(expected),
         max_abs_difference=float(np.abs(expected - got).max()) if len(expected) else 0.0,
         top1_agreement=float((expected.argmax(1) == got.argmax(1)).mean()),
+        output_spread=output_spread(expected),
     )
 
 
-def check_parity(keras_probs: np.ndarray, onnx_probs: np.ndarray) -> Parity:
-    """Keras's and onnxruntime's answers on the same images; refuse unless within the limit on every image."""
+def check_parity(keras_probs: np.ndarray, onnx_probs: np.ndarray, allow_inconclusive: bool = False) -> Parity:
+    """Keras's and onnxruntime's answers on the same images; refuse unless within the limit on every image.
+
+    Agreement proves nothing when the answers hardly change from one image to the next (a
+    backbone with random weights answers alike for every image): such a parity is inconclusive,
+    and refused unless `allow_inconclusive`.
+    """
     if len(keras_probs) == 0:
         raise ExportError("parity needs held-out images, and there are none")
     parity = compare(keras_probs, onnx_probs)
@@ -107,6 +142,18 @@ def check_parity(keras_probs: np.ndarray, onnx_probs: np.ndarray) -> Parity:
             f"parity check failed on {parity.images} held-out images: largest probability difference "
             f"{parity.max_abs_difference:.2e} (limit {parity.threshold:.0e}), top-1 agreement {parity.top1_agreement:.4f} "
             "(must be 1); nothing was written"
+        )
+    if not parity.conclusive and not allow_inconclusive:
+        how = (
+            "a single held-out image cannot show it"
+            if parity.images < 2
+            else f"across the {parity.images} held-out images no class's probability moves by more than "
+            f"{parity.output_spread:.1e} (at least {parity.min_spread:.0e} is needed)"
+        )
+        raise ExportError(
+            f"parity {INCONCLUSIVE}: {how}, so Keras and onnxruntime agreeing on them proves nothing. Is the model "
+            "trained (a backbone with random, frozen weights answers alike for every image)? Give more varied held-out "
+            "images with --images, or pass --allow-inconclusive-parity to export it anyway; nothing was written"
         )
     return parity
 

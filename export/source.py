@@ -220,6 +220,8 @@ def training_images(source: Source, limit: int) -> Images:
             validation=config.get("validation"),
             test=config.get("test"),
             progress=False,
+            classes=config.get("generated_classes"),
+            per_class=config.get("generated_per_class"),
         )
     except Exception as exc:  # unknown data set, or one that cannot be downloaded here
         raise ExportError(

@@ -44,3 +44,15 @@ def test_a_clearly_best_setting_is_served_as_it_is(monkeypatch, cores):
     tried = [best, Ceiling(200.0, 1, 1, False, 2), Ceiling(250.0, 8, cores, False, 1)]
     chosen = flags(serve_bench.service_setting(best, tried))
     assert chosen == {"--max-batch-size": "32", "--intra-op-threads": str(cores), "--inference-workers": "1"}
+
+
+def test_the_benchmark_s_mobilenet_is_trained_and_exported_by_the_command_lines(tmp_path):
+    from export.card import read_metadata
+
+    path = serve_bench.build_mobilenet(tmp_path, side=32)  # the benchmark's own commands, at a test's size
+    meta = read_metadata(path)
+    assert meta.architecture == "mobilenet_v2" and meta.dataset == "generated" and meta.input_shape == (32, 32, 3)
+    assert meta.source_run == str(tmp_path / "mobilenet-run") and len(meta.labels) == 10
+    # Parity-checked like any export: agreement held, and the card's verdict says whether it proved anything.
+    assert meta.parity["passed"] is True and meta.parity["images"] == 30
+    assert meta.parity["verdict"] in ("passed", "inconclusive: the model's output does not depend on its input")

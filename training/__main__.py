@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -34,20 +33,40 @@ def image_size(text: str) -> tuple[int, int]:
 
 
 def _add_train_arguments(train: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    train.add_argument(
+        "--recipe",
+        metavar="NAME|FILE",
+        help="start from a recipe: a bundled one by name (`python -m training recipes` lists them) or your own TOML "
+        "file; every option given here overrides the recipe's, and run.json and the training log keep the recipe",
+    )
     what = train.add_argument_group("model and data")
     what.add_argument("--model", default=defaults.model, help=f"model from the zoo: {MODEL_NAMES} (default: %(default)s)")
     what.add_argument(
         "--dataset",
         default=defaults.dataset,
-        help="digits (scikit-learn, offline), mnist, fashion_mnist, cifar10, cifar100 (keras.datasets, downloaded once), "
+        help="digits (scikit-learn, offline), generated (class templates under noise made on the spot: offline, any "
+        "size, colour mode and class count), mnist, fashion_mnist, cifar10, cifar100 (keras.datasets, downloaded once), "
         "or the path of an image folder with one sub-folder per class (default: %(default)s)",
+    )
+    what.add_argument(
+        "--generated-classes",
+        type=int,
+        metavar="N",
+        help="--dataset generated: number of classes (default: 10); its images take --image-size and --color-mode, "
+        "else the model's natural input",
+    )
+    what.add_argument(
+        "--generated-per-class",
+        type=int,
+        metavar="N",
+        help="--dataset generated: images per class, before the split (default: 100)",
     )
     what.add_argument(
         "--image-size",
         type=image_size,
         metavar="HxW",
         help="resize images to HxW (bilinear, as the service does); default: the data set's own size, "
-        "or the model's natural input for an image folder (224 for most transfer models)",
+        "or the model's natural input for an image folder or the generated set (224 for most transfer models)",
     )
     what.add_argument(
         "--color-mode",
@@ -71,7 +90,12 @@ def _add_train_arguments(train: argparse.ArgumentParser, defaults: TrainConfig) 
 
     fit = train.add_argument_group("optimisation")
     fit.add_argument(
-        "--epochs", type=int, default=defaults.epochs, help="most epochs; early stopping may end sooner (default: %(default)s)"
+        "--epochs",
+        type=int,
+        default=defaults.epochs,
+        help="most epochs; early stopping may end sooner. A transfer model from pretrained weights runs --epochs for "
+        "its head and then --fine-tune-epochs more (10 by default): --epochs 1 runs up to 11 in all unless "
+        "--fine-tune-epochs 0; the first lines a run prints say its total (default: %(default)s)",
     )
     fit.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step (default: %(default)s)")
     fit.add_argument(
@@ -146,10 +170,11 @@ def _add_train_arguments(train: argparse.ArgumentParser, defaults: TrainConfig) 
     transfer = train.add_argument_group("transfer learning (keras.applications backbones)")
     transfer.add_argument(
         "--weights",
-        choices=("imagenet", "none"),
         default=defaults.weights,
-        help="start from ImageNet weights (downloaded once into ~/.keras/models) or from random weights "
-        "with `none`, which needs no internet (default: %(default)s)",
+        metavar="imagenet|none|FILE",
+        help="start from ImageNet weights (downloaded once into ~/.keras/models), from a weights file of the backbone "
+        "without its top (a .weights.h5 saved elsewhere), or from random weights with `none`, which needs no internet: "
+        "with nothing pretrained the whole network trains, in one phase of --epochs (default: %(default)s)",
     )
     transfer.add_argument(
         "--dropout", type=float, default=defaults.dropout, help="dropout before the new softmax head (default: %(default)s)"
@@ -159,7 +184,8 @@ def _add_train_arguments(train: argparse.ArgumentParser, defaults: TrainConfig) 
         type=int,
         default=defaults.fine_tune_epochs,
         help="phase 2: epochs with the top of the base unfrozen, after phase 1 trained the head on the "
-        "frozen base for --epochs; 0 trains the head only (default: %(default)s)",
+        "frozen base for --epochs, so a run takes up to --epochs + --fine-tune-epochs in all; 0 trains the head "
+        "only; not used with --weights none (default: %(default)s)",
     )
     transfer.add_argument(
         "--fine-tune-layers",
@@ -185,6 +211,9 @@ def _add_train_arguments(train: argparse.ArgumentParser, defaults: TrainConfig) 
     )
     out.add_argument("--note", default="", help="free text for the training log: what this run changed or tries")
     out.add_argument(
+        "--verbose", action="store_true", help="show everything TensorFlow prints, its native start-up lines included"
+    )
+    out.add_argument(
         "--max-test-images",
         type=int,
         default=defaults.max_test_images,
@@ -193,21 +222,48 @@ def _add_train_arguments(train: argparse.ArgumentParser, defaults: TrainConfig) 
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help text wrapped between words only: an option such as --fine-tune-epochs is never split across lines."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class _RecipeParser(argparse.ArgumentParser):
+    """The train command's parser for a recipe's options: a bad value names the recipe instead of exiting."""
+
+    recipe = ""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise TrainingError(f"recipe {self.recipe}: {message}")
+
+
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(
+    parser = parser_class(
         prog="python -m training",
         description="Train Keras image classifiers, evaluate trained runs, and compare runs in the training log.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,log,models,benchmark}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,recipes,evaluate,log,models,benchmark}")
     train = sub.add_parser(
         "train",
+        formatter_class=_HelpFormatter,
         help="train a model and write a run folder",
         description="Train a zoo model on a data set, evaluate it on the held-out test split, write the run folder "
         "and append a row to the training log. Early stopping restores the best weights; the learning rate drops on "
         "plateaus; the best model is checkpointed as training goes.",
     )
     _add_train_arguments(train, defaults)
+
+    recipes = sub.add_parser(
+        "recipes",
+        help="list the bundled recipes and the figure each is known to reach",
+        description="List the bundled recipes (`train --recipe NAME`), with the figure each is known to reach and where "
+        "that figure comes from; with a NAME (or a recipe file), print the recipe itself.",
+    )
+    recipes.add_argument("name", nargs="?", help="a recipe to print in full")
 
     evaluate = sub.add_parser(
         "evaluate",
@@ -222,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         "to score instead of the run's saved test split",
     )
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.add_argument("--verbose", action="store_true", help="show everything TensorFlow prints")
 
     log = sub.add_parser(
         "log",
@@ -256,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--epochs", type=int, default=2, help="epochs to time; the first includes graph tracing (default: %(default)s)"
     )
+    bench.add_argument("--verbose", action="store_true", help="show everything TensorFlow prints")
     return parser
 
 
@@ -290,6 +348,8 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         deterministic=not args.nondeterministic,
         note=args.note,
         max_test_images=args.max_test_images,
+        generated_classes=args.generated_classes,
+        generated_per_class=args.generated_per_class,
     )
 
 
@@ -326,16 +386,79 @@ def _models() -> None:
         print(f"  {name:<20} {(loader.__doc__ or '').strip().splitlines()[0]}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _recipes(name: str | None) -> None:
+    from . import recipe as recipes
+
+    if name:
+        chosen = recipes.load(name)
+        print(f"# recipe {chosen.name} ({chosen.path})\n{chosen.content}", end="")
+        return
+    print("recipes (python -m training train --recipe NAME; options given beside it override the recipe's):")
+    for found in recipes.bundled().values():
+        where = "measured here" if found.measured_here else "not measured here"
+        print(f"  {found.name:<24} {found.description}")
+        print(f"  {'':<24} known figure: {found.known_figure or 'none'} ({where})")
+        print(f"  {'':<24} from: {found.figure_source}")
+    print(f"\nbundled in {recipes.bundled_folder()}; your own recipe file works the same: --recipe path/to/recipe.toml")
+
+
+def _parse_train(argv: list[str]) -> tuple[argparse.Namespace, dict | None]:
+    """The train command's options, a recipe's underneath when --recipe names one; the recipe as run.json keeps it."""
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not args.recipe:
+        return args, None
+    from . import recipe as recipes
+
+    chosen = recipes.load(args.recipe)
+    own = chosen.argv()
+    checker = build_parser(_RecipeParser)
+    _RecipeParser.recipe = f"{chosen.name} ({chosen.path})"
+    # Parsed alone first, so that a bad value in the file is named as the recipe's.
+    from_recipe = checker.parse_args(["train", *own])
+    # argparse keeps the last value of an option: the recipe's come first, the command line's win.
+    merged = build_parser().parse_args([argv[0], *own, *argv[1:]])
+    dests = {action.option_strings[0].removeprefix("--"): action.dest for action in _train_actions(checker)}
+    overridden = {}
+    for key in chosen.train:
+        dest = dests[key]
+        if getattr(merged, dest) != getattr(from_recipe, dest):
+            overridden[key] = getattr(merged, dest)
+    record = {
+        "name": chosen.name,
+        "path": chosen.path,
+        "content": chosen.content,
+        "options": chosen.train,
+        "overridden": {
+            k: list(v) if isinstance(v, tuple) else (str(v) if isinstance(v, Path) else v) for k, v in overridden.items()
+        },
+        "known_figure": chosen.known_figure,
+        "figure_source": chosen.figure_source,
+        "settings": chosen.settings(),
+    }
+    return merged, record
+
+
+def _train_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [a for a in sub.choices["train"]._actions if a.option_strings and a.option_strings[0].startswith("--")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from kos_core.console import quiet_native_logs
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if args.command in ("train", "evaluate", "benchmark"):
+        # Before TensorFlow is imported: its native start-up lines (cuInit on a machine without a GPU) read like failures.
+        quiet_native_logs(verbose=args.verbose)
     try:
         if args.command == "train":
             from .train import default_run_dir, train
 
+            args, recipe = _parse_train(argv)
             config = _config(args)
             run_dir = args.run_dir or default_run_dir(config)
-            record = train(config, run_dir, ledger=args.ledger, overwrite=args.overwrite)
+            record = train(config, run_dir, ledger=args.ledger, overwrite=args.overwrite, recipe=recipe)
             metrics = record["metrics"]
             print(
                 f"run {run_dir}: test accuracy {metrics['test_accuracy']:.4f}, AUC {metrics['test_auc']:.4f} "
@@ -351,6 +474,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{result['images']} images from {result['source']}")
                 print("  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
                 print(result["report"])
+        elif args.command == "recipes":
+            _recipes(args.name)
         elif args.command == "log":
             _log(args)
         elif args.command == "models":

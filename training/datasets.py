@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from kos_core.artifact import InputSpec
+from kos_core.console import ProgressBar
 from kos_core.errors import ImageFolderError
 from kos_core.imaging import convert_array
 
@@ -166,6 +167,52 @@ def template_images(shape: tuple[int, int, int], classes: int, per_class: int, s
     return x[order], y[order].astype(np.int64)
 
 
+GENERATED = "generated"
+GENERATED_SIZE = (32, 32)
+GENERATED_CLASSES = 10
+GENERATED_PER_CLASS = 100
+
+
+def load_generated(
+    seed: int = 0,
+    validation: float = 0.15,
+    test: float = 0.15,
+    image_size: tuple[int, int] | None = None,
+    color_mode: str | None = None,
+    classes: int | None = None,
+    per_class: int | None = None,
+    **_: object,
+) -> Dataset:
+    """Class-template images made on the spot (no download): any size, colour mode and class count; learnable in a few epochs."""
+    height, width = (int(image_size[0]), int(image_size[1])) if image_size else GENERATED_SIZE
+    color_mode = color_mode or "rgb"
+    classes = GENERATED_CLASSES if classes is None else int(classes)
+    per_class = GENERATED_PER_CLASS if per_class is None else int(per_class)
+    if color_mode not in ("grayscale", "rgb"):
+        raise TrainingError(f"colour mode must be 'grayscale' or 'rgb', not {color_mode!r}")
+    if classes < 2:
+        raise TrainingError(f"the generated data set needs at least 2 classes, not {classes}")
+    _check_fractions(validation, test)
+    needed = _least_per_class(validation, test)
+    if per_class < needed:
+        raise TrainingError(
+            f"the generated data set needs at least {needed} images per class for a stratified split "
+            f"with these fractions, not {per_class} (--generated-per-class)"
+        )
+    channels = 1 if color_mode == "grayscale" else 3
+    x, y = template_images((height, width, channels), classes, per_class, seed)
+    train, val, test_split = stratified_split(x, y, validation, test, seed)
+    return Dataset(
+        GENERATED,
+        [f"class{i}" for i in range(classes)],
+        train,
+        val,
+        test_split,
+        color_mode=color_mode,
+        source=f"generated: {classes} class templates under noise, {per_class} images each, {height}x{width} {color_mode}",
+    )
+
+
 def load_image_folder(
     root: Path,
     image_size: tuple[int, int],
@@ -212,7 +259,13 @@ LOADERS: dict[str, Callable[..., Dataset]] = {
     "fashion_mnist": _keras_dataset("fashion_mnist", FASHION_MNIST_LABELS, "grayscale", _fetch("fashion_mnist")),
     "cifar10": _keras_dataset("cifar10", CIFAR10_LABELS, "rgb", _fetch("cifar10")),
     "cifar100": _keras_dataset("cifar100", CIFAR100_LABELS, "rgb", _fetch("cifar100", label_mode="fine")),
+    GENERATED: load_generated,
 }
+
+
+def takes_model_size(name: str) -> bool:
+    """Whether a data set has no image size of its own (a folder, the generated set): it takes the model's."""
+    return name == GENERATED or is_image_folder(name)
 
 
 def is_image_folder(name: str) -> bool:
@@ -228,13 +281,19 @@ def load_dataset(
     validation: float | None = None,
     test: float | None = None,
     progress: bool = True,
+    classes: int | None = None,
+    per_class: int | None = None,
 ) -> Dataset:
-    """A built-in data set by name, or an image folder by path."""
+    """A built-in data set by name, or an image folder by path; `classes` and `per_class` shape the generated one."""
     fractions = {k: v for k, v in (("validation", validation), ("test", test)) if v is not None}
     if is_image_folder(name):
         if image_size is None:
             raise TrainingError("an image folder needs an image size (`--image-size HxW`)")
         return load_image_folder(Path(name), image_size, color_mode or "rgb", seed=seed, progress=progress, **fractions)
+    if name == GENERATED:
+        return load_generated(
+            seed=seed, image_size=image_size, color_mode=color_mode, classes=classes, per_class=per_class, **fractions
+        )
     if name not in LOADERS:
         raise TrainingError(
             f"unknown data set {name!r}; choose one of {', '.join(sorted(LOADERS))}, or give a path to an image folder"
@@ -259,11 +318,9 @@ def _adapt(data: Dataset, image_size: tuple[int, int] | None, color_mode: str | 
     return data
 
 
-def progress_bar(total: int, title: str):
-    """A Keras progress bar on a terminal; in logs and CI, a single line at the end."""
+def progress_bar(total: int, title: str) -> ProgressBar:
+    """Progress over decoded files on stderr: a bar on a terminal, a plain line every ten seconds in a log."""
     import sys
 
-    from keras.utils import Progbar
-
-    print(title, file=sys.stderr)
-    return Progbar(total, unit_name="image", verbose=1 if sys.stdout.isatty() else 2)
+    print(title, file=sys.stderr, flush=True)
+    return ProgressBar(total, unit="images", title="decoded")

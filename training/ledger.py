@@ -27,6 +27,8 @@ COLUMNS = [
     "weights",
     "seed",
     "note",
+    "recipe",
+    "recipe_content",
     "test_accuracy",
     "test_auc",
     "test_loss",

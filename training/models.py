@@ -181,7 +181,12 @@ def transfer_model(
     dropout: float = 0.2,
     **_: object,
 ) -> keras.Model:
-    """A keras.applications backbone (frozen) with its preprocessing as layers and a new pooling/dropout/softmax head."""
+    """A keras.applications backbone with its preprocessing as layers and a new pooling/dropout/softmax head.
+
+    With pretrained weights (ImageNet, or a weights file of the backbone) the backbone starts
+    frozen and the head trains first; with `weights="none"` there is nothing to transfer, so the
+    whole network is trainable from the start and its batch norm learns its own statistics.
+    """
     import keras
     from keras import layers
 
@@ -203,13 +208,19 @@ def transfer_model(
     try:
         base = application(include_top=False, weights=weights, input_shape=(height, width, 3), **kwargs)
     except Exception as exc:
+        if weights not in ("imagenet", None):
+            raise TrainingError(
+                f"could not load the backbone weights file {weights} into {backbone} ({type(exc).__name__}: {exc}); "
+                f"it must hold {spec.application}'s weights without its top (include_top=False) for a {height}x{width} input"
+            ) from exc
         if weights == "imagenet":
             raise TrainingError(
                 f"could not fetch the ImageNet weights of {backbone} ({type(exc).__name__}: {exc}); they download once into "
                 "~/.keras/models. Without internet, train from random weights with `--weights none`"
             ) from exc
         raise
-    base.trainable = False
+    pretrained = weights is not None
+    base.trainable = not pretrained
 
     inputs = image_input(input_shape)
     x = inputs
@@ -218,8 +229,9 @@ def transfer_model(
         x = layers.Concatenate(name="grey_to_rgb")([x, x, x])
     x = preprocessing_layers(spec.preprocessing, x)
     # training=False keeps batch norm in inference mode even after the top of the base is unfrozen,
-    # so fine-tuning does not wreck the statistics the pretrained weights rely on.
-    x = _named(base, BACKBONE_LAYER)(x, training=False)
+    # so fine-tuning does not wreck the statistics the pretrained weights rely on. Random weights
+    # have no such statistics: their batch norm must learn them like any network trained from scratch.
+    x = _named(base, BACKBONE_LAYER)(x, training=False) if pretrained else _named(base, BACKBONE_LAYER)(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
@@ -238,6 +250,18 @@ def find_backbone(model: keras.Model) -> keras.Model | None:
         return model.get_layer(BACKBONE_LAYER)
     except ValueError:
         return None
+
+
+def trained_layers(model: keras.Model) -> list[str]:
+    """Names of the layers whose weights the next fit changes; a backbone's are `backbone/<layer>`."""
+    names = []
+    for layer in model.layers:
+        if layer.name == BACKBONE_LAYER and hasattr(layer, "layers"):
+            if layer.trainable:
+                names += [f"{BACKBONE_LAYER}/{inner.name}" for inner in layer.layers if inner.trainable_weights]
+        elif layer.trainable_weights:
+            names.append(layer.name)
+    return names
 
 
 def unfreeze_top(model: keras.Model, layers_to_unfreeze: int) -> int:

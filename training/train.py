@@ -50,7 +50,7 @@ class TrainConfig:
     lr_factor: float = 0.5
     min_lr: float = 1e-6
     augmentation: Augmentation = field(default_factory=Augmentation)
-    weights: str = "imagenet"  # transfer models: "imagenet" or "none"
+    weights: str = "imagenet"  # transfer models: "imagenet", "none" (random: the whole network trains) or a weights file
     dropout: float = 0.2  # transfer models: dropout before the new softmax
     fine_tune_epochs: int = 10  # transfer models: phase 2 epochs with the top of the base unfrozen (0: head only)
     fine_tune_layers: int = 30  # transfer models: how many top layers of the base phase 2 unfreezes
@@ -59,6 +59,41 @@ class TrainConfig:
     deterministic: bool = True  # TensorFlow's deterministic ops: repeatable runs, a little slower on a GPU
     note: str = ""  # free text for the training log: what changed in this run
     max_test_images: int = 2000  # most test images kept in test_split.npz (export's parity check)
+    generated_classes: int | None = None  # --dataset generated: classes (None: 10)
+    generated_per_class: int | None = None  # --dataset generated: images per class (None: 100)
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether a transfer model starts from trained weights (ImageNet or a file) that are worth keeping frozen."""
+        return self.weights != "none"
+
+    def plan(self, transfer: bool) -> list[tuple[str, int]]:
+        """The phases a run goes through and the most epochs of each; their sum is the run's most epochs."""
+        if not transfer:
+            return [("train", self.epochs)]
+        if not self.pretrained:
+            return [("whole network (random weights: nothing to transfer)", self.epochs)]
+        phases = [("head (frozen base)", self.epochs)]
+        if self.fine_tune_epochs > 0:
+            phases.append((f"fine-tune (top {self.fine_tune_layers} layers of the base)", self.fine_tune_epochs))
+        return phases
+
+    def describe_plan(self, transfer: bool) -> str:
+        """One line that says how many epochs the run may take in all, and why."""
+        phases = self.plan(transfer)
+        total = sum(epochs for _, epochs in phases)
+        stop = f"early stopping after {self.patience} without improvement of {self.monitor}"
+        if not transfer:
+            return f"plan: up to {total} epochs ({stop})"
+        if not self.pretrained:
+            ignored = f"; --fine-tune-epochs {self.fine_tune_epochs} does not apply" if self.fine_tune_epochs else ""
+            return (
+                f"plan: up to {total} epochs, the whole network trained from random weights in one phase "
+                f"(--weights none: nothing pretrained to freeze{ignored}; {stop})"
+            )
+        parts = " + ".join(f"{epochs} {name}" for name, epochs in phases)
+        skip = "; --fine-tune-epochs 0 trains the head only" if self.fine_tune_epochs else ""
+        return f"plan: up to {total} epochs in all = {parts} (--epochs + --fine-tune-epochs{skip}; {stop} in each phase)"
 
     def check(self) -> None:
         """Refuse settings that cannot train, before any data is loaded."""
@@ -72,10 +107,20 @@ class TrainConfig:
             raise TrainingError(f"learning rate must be positive, not {self.learning_rate}")
         if self.monitor not in ("val_loss", "val_accuracy", "val_auc"):
             raise TrainingError(f"monitor must be val_loss, val_accuracy or val_auc, not {self.monitor!r}")
-        if self.weights not in ("imagenet", "none"):
-            raise TrainingError(f"weights must be 'imagenet' or 'none', not {self.weights!r}")
+        if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
+            raise TrainingError(
+                f"weights must be 'imagenet', 'none' or the path of a weights file of the backbone, not {self.weights!r}"
+            )
+        if self.fine_tune_epochs < 0:
+            raise TrainingError(f"fine-tune epochs must be 0 or more, not {self.fine_tune_epochs}")
         if self.color_mode not in (None, "grayscale", "rgb"):
             raise TrainingError(f"colour mode must be 'grayscale' or 'rgb', not {self.color_mode!r}")
+        for option, value in (
+            ("--generated-classes", self.generated_classes),
+            ("--generated-per-class", self.generated_per_class),
+        ):
+            if value is not None and self.dataset != "generated":
+                raise TrainingError(f"{option} shapes the generated data set only (--dataset generated), not {self.dataset!r}")
         if self.max_test_images < 1:
             raise TrainingError("max_test_images must be at least 1: export checks parity on those images")
 
@@ -192,7 +237,7 @@ def build_for(config: TrainConfig, data: Dataset) -> keras.Model:
 
 def fit(config: TrainConfig, model: keras.Model, data: Dataset, run_dir: Path) -> tuple[dict[str, list[float]], list[dict]]:
     """Train (two phases for a transfer model: head on a frozen base, then the top of the base); returns history and phases."""
-    from .models import find_backbone, unfreeze_top
+    from .models import find_backbone, trained_layers, unfreeze_top
 
     num_classes = len(data.labels)
     train_data = pipeline(data.train, num_classes, config.batch_size, config.seed, True, config.augmentation)
@@ -214,6 +259,7 @@ def fit(config: TrainConfig, model: keras.Model, data: Dataset, run_dir: Path) -
             f"{sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable weights",
             flush=True,
         )
+        layers_trained = trained_layers(model)
         result = model.fit(
             train_data,
             validation_data=val_data,
@@ -231,18 +277,20 @@ def fit(config: TrainConfig, model: keras.Model, data: Dataset, run_dir: Path) -
                 "epochs_run": len(result.history.get("loss", [])),
                 "learning_rate": learning_rate,
                 "trainable_weights": sum(int(np.prod(w.shape)) for w in model.trainable_weights),
+                "trained_layers": layers_trained,
                 "kept": True,  # whether the final model holds this phase's best weights
             }
         )
 
     backbone = find_backbone(model)
-    run_phase("train" if backbone is None else "head (frozen base)", config.epochs, config.learning_rate, None)
-    if backbone is not None and config.fine_tune_epochs > 0:
+    plan = config.plan(transfer=backbone is not None)
+    run_phase(plan[0][0], config.epochs, config.learning_rate, None)
+    if len(plan) > 1:
         unfrozen = unfreeze_top(model, config.fine_tune_layers)
         pick = min if config.monitor == "val_loss" else max
         best = pick(v for v in history[config.monitor] if v == v)
         run_phase(
-            f"fine-tune (top {unfrozen} layers of the base)",
+            f"fine-tune (top {config.fine_tune_layers} layers of the base: {unfrozen} with weights, batch norm frozen)",
             config.fine_tune_epochs,
             config.fine_tune_learning_rate or config.learning_rate / 10,
             best,
@@ -274,13 +322,18 @@ def default_run_dir(config: TrainConfig, root: Path = Path("runs")) -> Path:
     return root / f"{config.model}-{dataset}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
-def train(config: TrainConfig, run_dir: Path, ledger: Path | None = None, overwrite: bool = False) -> dict:
-    """Train, evaluate on the held-out test split, write the run folder and a training-log row; returns the run record."""
+def train(
+    config: TrainConfig, run_dir: Path, ledger: Path | None = None, overwrite: bool = False, recipe: dict | None = None
+) -> dict:
+    """Train, evaluate on the held-out test split, write the run folder and a training-log row; returns the run record.
+
+    `recipe` (name, path, content, overridden) is the recipe file the settings came from, kept in the records.
+    """
     if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
         # A run folder is a record the training log and exported models point at: never replace one silently.
         raise TrainingError(f"{run_dir} already holds a run: choose another --run-dir, or pass --overwrite to replace it")
     from . import ledger as training_log
-    from .datasets import is_image_folder, load_dataset
+    from .datasets import load_dataset, takes_model_size
     from .models import zoo
     from .reports import (
         CONFUSION_FILE,
@@ -298,9 +351,15 @@ def train(config: TrainConfig, run_dir: Path, ledger: Path | None = None, overwr
     if config.model not in models:
         raise TrainingError(f"unknown model {config.model!r}; choose one of {', '.join(models)}")
     spec = models[config.model]
+    # The first lines a run prints: what it trains, on what, and for how many epochs in all.
+    if recipe is not None:
+        changed = recipe.get("overridden") or {}
+        overrides = f", the command line overriding {', '.join(f'{k}={v}' for k, v in changed.items())}" if changed else ""
+        print(f"recipe {recipe['name']} ({recipe['path']}){overrides}", flush=True)
+    print(f"{config.model} on {config.dataset}, {config.describe_plan(spec.transfer)}", flush=True)
     image_size, color_mode = config.image_size, config.color_mode
-    if is_image_folder(config.dataset):
-        # A folder has no size of its own: the model's natural input unless told otherwise.
+    if takes_model_size(config.dataset):
+        # A folder or the generated set has no size of its own: the model's natural input unless told otherwise.
         image_size = image_size or spec.default_size
         color_mode = color_mode or spec.default_color_mode
 
@@ -313,6 +372,8 @@ def train(config: TrainConfig, run_dir: Path, ledger: Path | None = None, overwr
         color_mode=color_mode,
         validation=config.validation,
         test=config.test,
+        classes=config.generated_classes,
+        per_class=config.generated_per_class,
     )
     seed_everything(config.seed, config.deterministic)
     if data.skipped:
@@ -356,7 +417,9 @@ def train(config: TrainConfig, run_dir: Path, ledger: Path | None = None, overwr
             "trainable": sum(int(np.prod(w.shape)) for w in model.trainable_weights),
         },
         "epochs_run": len(history.get("loss", [])),
+        "epochs_planned": sum(epochs for _, epochs in config.plan(spec.transfer)),
         "phases": phases,
+        "recipe": recipe,
         "seconds": round(time.time() - started, 1),
         "metrics": metrics,
         "per_class": per_class,
@@ -378,19 +441,29 @@ def train(config: TrainConfig, run_dir: Path, ledger: Path | None = None, overwr
             "split": f"{sizes['train']}/{sizes['validation']}/{sizes['test']}",
             "image_size": f"{height}x{width}x{channels}",
             "batch_size": config.batch_size,
-            "epochs": f"{record['epochs_run']}/{config.epochs + (config.fine_tune_epochs if len(phases) > 1 else 0)}",
+            "epochs": f"{record['epochs_run']}/{record['epochs_planned']}",
             "optimizer": config.optimizer,
             "learning_rate": config.learning_rate,
             "augmentation": config.augmentation.describe(),
             "weights": config.weights if spec.transfer else "",
             "seed": config.seed,
             "note": config.note,
+            "recipe": _recipe_cell(recipe),
+            "recipe_content": recipe["settings"] if recipe else "",
             **metrics,
             "seconds": record["seconds"],
             "run_dir": str(run_dir),
         },
     )
     return record
+
+
+def _recipe_cell(recipe: dict | None) -> str:
+    """The recipe's name in the training log, with what the command line changed in it."""
+    if not recipe:
+        return ""
+    changed = recipe.get("overridden") or {}
+    return recipe["name"] + (f" (overridden: {'; '.join(f'{k}={v}' for k, v in changed.items())})" if changed else "")
 
 
 def _versions() -> dict[str, str]:

@@ -114,3 +114,63 @@ def test_an_image_folder_in_which_nothing_decodes_is_refused_naming_a_file(tmp_p
     Image.fromarray(np.full((16, 12), 200, np.uint8), mode="L").save(tmp_path / "b" / "three.png")
     images = load_image_folder(tmp_path, source)
     assert images.x.shape == (1, 8, 8, 1) and images.y.tolist() == [1] and (images.x == 200).all()
+
+
+def _untrained_mobilenet(folder):
+    """The issue's model: MobileNetV2 with random, untrained backbone weights, saved as a user would save it."""
+    import keras
+
+    from training.models import build_model
+
+    keras.utils.set_random_seed(0)
+    build_model("mobilenet_v2", (32, 32, 3), 3, weights="none").save(folder / "model.keras")
+    (folder / "labels.txt").write_text("a\nb\nc\n")
+    rng = np.random.default_rng(0)
+    for label in "abc":
+        (folder / "images" / label).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), "RGB").save(folder / "images" / label / f"{i}.png")
+    return folder
+
+
+def _export_untrained(folder, repository, *more):
+    return _run(
+        str(folder / "model.keras"), "--labels", str(folder / "labels.txt"), "--images", str(folder / "images"),
+        "--name", "random", "--repository", str(repository), *more,
+    )  # fmt: skip
+
+
+def test_a_model_whose_output_ignores_its_input_is_refused_unless_asked_and_then_marked_inconclusive(tmp_path):
+    folder, repository = _untrained_mobilenet(tmp_path), tmp_path / "models"
+    refused = _export_untrained(folder, repository)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "parity inconclusive: the model's output does not depend on its input" in refused.stderr
+    assert "--allow-inconclusive-parity" in refused.stderr and "nothing was written" in refused.stderr
+    assert not repository.exists()
+
+    allowed = _export_untrained(folder, repository, "--allow-inconclusive-parity")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "parity inconclusive" in allowed.stderr, "the export's own output says so"
+    assert "parity     inconclusive: the model's output does not depend on its input" in allowed.stdout
+    meta = read_metadata(repository / "random" / "1" / "model.onnx")
+    assert meta.parity["verdict"] == "inconclusive: the model's output does not depend on its input"
+    assert meta.parity["conclusive"] is False and meta.parity["output_spread"] < meta.parity["min_output_spread"]
+    shown = _run("show", str(repository / "random"))
+    assert "inconclusive" in shown.stdout
+
+
+def test_a_trained_model_passes_parity_conclusively_with_a_batch_dimension_named_batch(digits_run, tmp_path):
+    import onnx
+
+    repository = tmp_path / "models"
+    exported = _run(str(digits_run), "--name", "digits", "--repository", str(repository))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "parity     passed on 270 held-out images" in exported.stdout and "inconclusive" not in exported.stdout
+    meta = read_metadata(repository / "digits" / "1" / "model.onnx")
+    assert meta.parity["verdict"] == "passed" and meta.parity["conclusive"] is True
+    assert meta.parity["output_spread"] > 0.5, "a trained classifier's answers move with the image"
+    graph = onnx.load(str(repository / "digits" / "1" / "model.onnx")).graph
+    assert [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim] == ["batch", "", "", ""]
+    assert graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    # TensorFlow's native start-up lines (cuInit, NodeDef notices) are not in a plain export's output.
+    assert not [line for line in exported.stderr.splitlines() if "cuInit" in line or "NodeDef" in line]

@@ -92,9 +92,11 @@ def test_without_class_labels_a_variant_is_judged_against_float32_answers(cifar1
 
 
 def test_int8_without_training_images_is_refused_clearly(cifar10_run, tmp_path):
-    # The generated data set cannot be reloaded by the training package: the user must give images.
+    # A run whose image folder is gone cannot be reloaded by the training package: the user must give images.
+    source = load_run(cifar10_run)
+    source.training_config = {**source.training_config, "dataset": str(tmp_path / "photos-no-longer-here")}
     with pytest.raises(ExportError, match="--calibration-images"):
-        export(load_run(cifar10_run), "cifar10", tmp_path / "models", variants=["int8"], progress=_quiet)
+        export(source, "cifar10", tmp_path / "models", variants=["int8"], progress=_quiet)
     assert not (tmp_path / "models").exists()
 
 

@@ -60,7 +60,9 @@ def test_zoo_family_exports_with_parity_and_its_preprocessing(name, tmp_path):
         source_run="untrained",
         held_out=Images(images, None, "generated images"),
     )
-    result = export(source, name, tmp_path / "models", progress=lambda _: None)
+    # Random backbone weights may answer alike for every image: parity is then inconclusive, allowed
+    # here since this test is about the graph's structure; the agreement itself must still hold.
+    result = export(source, name, tmp_path / "models", progress=lambda _: None, allow_inconclusive_parity=True)
 
     assert result.parity.passed and result.parity.images == 8
     assert result.graph.preprocessing_kept, "the model's preprocessing must be in the exported graph"

@@ -191,3 +191,34 @@ def test_an_empty_class_folder_is_left_out_with_a_notice(tmp_path, capsys):
     data = load_image_folder(tmp_path / "set", (16, 16), progress=False)
     assert "zzz-empty" not in data.labels
     assert "ignoring class folder 'zzz-empty'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("size", "color_mode", "channels"), [((12, 20), "grayscale", 1), ((40, 40), "rgb", 3)])
+def test_the_generated_set_takes_any_size_colour_mode_and_class_count(size, color_mode, channels):
+    data = load_dataset("generated", seed=3, image_size=size, color_mode=color_mode, classes=4, per_class=20)
+    assert data.input_shape == (*size, channels) and data.color_mode == color_mode
+    assert data.labels == ["class0", "class1", "class2", "class3"]
+    assert sum(data.split_sizes().values()) == 80 and data.split_sizes()["test"] == 12
+    for split in (data.train, data.validation, data.test):
+        assert split.x.dtype == np.uint8 and set(split.y.tolist()) == {0, 1, 2, 3}, "stratified: every class in every part"
+    assert "4 class templates" in data.source and f"{size[0]}x{size[1]} {color_mode}" in data.source
+    again = load_dataset("generated", seed=3, image_size=size, color_mode=color_mode, classes=4, per_class=20)
+    assert np.array_equal(again.test.x, data.test.x), "the same seed makes the same images"
+
+
+def test_the_generated_set_defaults_to_ten_classes_of_32x32_rgb():
+    data = load_dataset("generated")
+    assert data.input_shape == (32, 32, 3) and len(data.labels) == 10 and sum(data.split_sizes().values()) == 1000
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"classes": 1}, "at least 2 classes"),
+        ({"per_class": 2}, r"at least 7 images per class .*--generated-per-class"),
+        ({"color_mode": "cmyk"}, "colour mode must be 'grayscale' or 'rgb'"),
+    ],
+)
+def test_impossible_generated_sets_are_refused_clearly(options, message):
+    with pytest.raises(TrainingError, match=message):
+        load_dataset("generated", **options)

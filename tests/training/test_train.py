@@ -138,14 +138,25 @@ def test_the_same_seed_trains_the_same_model(digits_run, tmp_path):
     assert first["metrics"] == second["metrics"]
 
 
-def test_a_transfer_model_trains_in_two_phases_and_keeps_the_better_one(image_folder, tmp_path):
+def _backbone_weights_file(path):
+    """Weights of a MobileNetV3Small backbone without its top, saved as a user brings pretrained weights offline."""
+    keras.utils.set_random_seed(1)
+    base = keras.applications.MobileNetV3Small(
+        include_top=False, weights=None, input_shape=(32, 32, 3), include_preprocessing=True
+    )
+    base.save_weights(path)
+    return path
+
+
+def test_a_transfer_model_trains_in_two_phases_and_keeps_the_better_one(image_folder, tmp_path, capsys):
     # A learning rate far too high for fine-tuning: phase 2 cannot beat the head alone, so the
     # head-only model from phase 1 must be the one saved.
+    weights = _backbone_weights_file(tmp_path / "backbone.weights.h5")
     config = TrainConfig(
         model="mobilenet_v3_small",
         dataset=str(image_folder),
         image_size=(32, 32),
-        weights="none",
+        weights=str(weights),
         epochs=1,
         fine_tune_epochs=1,
         fine_tune_layers=10,
@@ -157,7 +168,10 @@ def test_a_transfer_model_trains_in_two_phases_and_keeps_the_better_one(image_fo
     head, fine = record["phases"]
     assert fine["learning_rate"] == 1e4 and fine["trainable_weights"] > head["trainable_weights"]
     assert head["kept"] is True and fine["kept"] is False
-    assert record["epochs_run"] == 2 and len(record["history"]["loss"]) == 2
+    assert record["epochs_run"] == 2 and len(record["history"]["loss"]) == 2 and record["epochs_planned"] == 2
+    assert head["trained_layers"] == ["probabilities"], "phase 1 trains the head only, the pretrained base frozen"
+    assert any(name.startswith("backbone/") for name in fine["trained_layers"])
+    assert "plan: up to 2 epochs in all = 1 head (frozen base) + 1 fine-tune" in capsys.readouterr().out
     assert record["dataset"] == "weather" and record["labels"] == ["cloudy", "rainbow", "sandstorm"]
     assert record["input_shape"] == [32, 32, 3] and record["color_mode"] == "rgb"
     assert record["split_sizes"] == {"train": 24, "validation": 6, "test": 6}
@@ -166,6 +180,43 @@ def test_a_transfer_model_trains_in_two_phases_and_keeps_the_better_one(image_fo
     assert model.get_layer("backbone") is not None
     with np.load(tmp_path / "run" / TEST_SPLIT_FILE) as split:
         np.testing.assert_allclose(model.predict(split["x"], verbose=0), head_only.predict(split["x"], verbose=0), atol=1e-6)
+
+
+def test_without_pretrained_weights_the_whole_network_trains_in_one_phase(tmp_path, capsys):
+    config = TrainConfig(
+        model="mobilenet_v3_small",
+        dataset="generated",
+        image_size=(32, 32),
+        generated_classes=3,
+        generated_per_class=10,
+        weights="none",
+        epochs=1,
+        batch_size=8,
+    )
+    record = train(config, tmp_path / "run")
+    first_lines = capsys.readouterr().out.splitlines()[:2]
+    assert first_lines[0].startswith("mobilenet_v3_small on generated, plan: up to 1 epochs, the whole network trained")
+    assert "--weights none: nothing pretrained to freeze; --fine-tune-epochs 10 does not apply" in first_lines[0]
+    (phase,) = record["phases"]
+    assert phase["name"].startswith("whole network")
+    assert phase["trainable_weights"] == record["parameters"]["trainable"]
+    backbone = [name for name in phase["trained_layers"] if name.startswith("backbone/")]
+    assert len(backbone) > 50 and "probabilities" in phase["trained_layers"]
+    assert record["epochs_run"] == record["epochs_planned"] == 1
+
+
+def test_help_and_first_line_make_a_transfer_run_s_total_epochs_obvious(image_folder, tmp_path):
+    help_text = " ".join(_cli("train", "--help").stdout.split())
+    assert "--epochs 1 runs up to 11 in all unless --fine-tune-epochs 0" in help_text
+    assert "with nothing pretrained the whole network trains" in help_text
+    weights = _backbone_weights_file(tmp_path / "backbone.weights.h5")
+    config = TrainConfig(
+        model="mobilenet_v3_small", dataset=str(image_folder), image_size=(32, 32), weights=str(weights), epochs=1
+    )
+    assert config.describe_plan(transfer=True).startswith(
+        "plan: up to 11 epochs in all = 1 head (frozen base) + 10 fine-tune (top 30 layers of the base)"
+    )
+    assert TrainConfig(epochs=4).describe_plan(transfer=False).startswith("plan: up to 4 epochs")
 
 
 def test_a_scratch_model_learns_an_image_folder_with_augmentation(make_image_folder, tmp_path):
@@ -216,7 +267,8 @@ def test_augmentation_keeps_uint8_images_of_the_same_shape_and_changes_them():
     [
         ({"epochs": 0}, "epochs must be at least 1"),
         ({"optimizer": "adagrad"}, "optimizer must be one of adam, sgd, rmsprop"),
-        ({"weights": "coco"}, "weights must be 'imagenet' or 'none'"),
+        ({"weights": "coco"}, "weights must be 'imagenet', 'none' or the path of a weights file"),
+        ({"generated_classes": 3}, "--generated-classes shapes the generated data set only"),
         ({"model": "alexnet"}, "unknown model 'alexnet'"),
     ],
 )
