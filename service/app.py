@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -32,13 +32,19 @@ requests are batched together. Every error answers JSON with a human-readable `d
 carries `Retry-After`."""
 
 
-def create_app(settings: Settings, device: Device) -> FastAPI:
+# What builds the app's registry: the Registry itself, or a front end's mirror of the owner's (service/mirror.py).
+RegistryFactory = Callable[[Settings, Device, Metrics, Executor], Registry]
+
+
+def create_app(
+    settings: Settings, device: Device, *, metrics: Metrics | None = None, registry_factory: RegistryFactory = Registry
+) -> FastAPI:
     """The service for `settings` on `device` (from `startup.prepare_process`); models load in the lifespan."""
-    metrics = Metrics()
+    metrics = metrics if metrics is not None else Metrics()
     # Decoding runs here, never on the event loop; Pillow releases the GIL while it works. Its memory
     # is bounded: at most this many images of at most max_image_pixels decode at once.
     decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or os.cpu_count() or 1, thread_name_prefix="decode")
-    registry = Registry(settings, device, metrics, decode_pool)
+    registry = registry_factory(settings, device, metrics, decode_pool)
     dataplane = DataPlane(settings, registry, metrics, decode_pool)
 
     @asynccontextmanager
