@@ -238,6 +238,9 @@ async def test_a_deadline_passing_answers_504_and_its_images_never_run(tmp_path,
     text = httpx.get(f"{server.url}/metrics").text
     assert metric_value(text, "kos_images_total", model="slow") == statuses.count(200), "an expired image was run"
     assert metric_value(text, "kos_deadline_expired_images_total", model="slow") == statuses.count(504)
+    # Answered requests hold no queue places: the queue is empty and a lone request is not refused.
+    assert metric_value(text, "kos_queue_depth", model="slow") == 0
+    assert httpx.post(f"{server.url}/predict/slow", files=slow_bodies(1)[0]).status_code != 503
 
 
 @pytest.fixture(scope="module")
