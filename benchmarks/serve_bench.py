@@ -6,11 +6,17 @@ weights, exported once by our export code into a cache folder) it measures, in o
 - the in-process ceiling: decode and resize on all cores plus `session.run`, pipelined, at the
   best batch size, intra-op thread count and batches in flight found, on the same JPEG files, no HTTP;
 - `python -m service` (dynamic batching) under wrk at each concurrency;
-- a naive FastAPI endpoint (one request, one run; benchmarks/naive_server.py) under the same load.
+- a naive FastAPI endpoint (one request, one run; benchmarks/naive_server.py) under the same load;
+- the same service over the Open Inference Protocol (v2), in the same run: REST with the binary
+  tensor data extension carrying the encoded JPEG as BYTES (`v2-jpeg`) or the client-decoded UINT8
+  tensor (`v2-uint8`), and gRPC with the UINT8 tensor (`grpc-u8`).
 
-Every request uploads one real JPEG as multipart/form-data (wrk + benchmarks/multipart.lua). wrk
-runs on the same cores, so its CPU share is reported beside each figure. Prints a table and
-writes JSON.
+Every multipart request uploads one real JPEG as multipart/form-data (wrk + benchmarks/multipart.lua);
+the v2 REST bodies are built once and sent by wrk (benchmarks/v2.lua); gRPC requests are serialised
+once and sent by a small grpc.aio client in a child process (wrk speaks no HTTP/2), one connection
+per concurrent caller. Every request asks for the top 5 classes (multipart's default top_k, the
+classification extension on v2). The load generators run on the same cores, so their CPU share is
+reported beside each figure. Prints a table and writes JSON.
 
     python benchmarks/serve_bench.py                       # both models, concurrency 1 8 32 64
     python benchmarks/serve_bench.py --duration 3 --models digits --concurrency 1,32   # quick look
@@ -19,6 +25,7 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -29,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +45,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = Path(__file__).resolve().parent / "multipart.lua"
+V2_LUA = Path(__file__).resolve().parent / "v2.lua"
+# The service over each protocol, beside multipart ("service"): what the v2 comparison lines read.
+V2_TARGETS = ("v2-jpeg", "v2-uint8", "grpc-u8")
+GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+TOP_K = 5
 MOBILENET_CLASSES = 1000
 
 
@@ -48,7 +61,7 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     errors: int
-    wrk_cpu_share: float  # of the whole machine (all cores)
+    wrk_cpu_share: float  # the load generator's (wrk, or the gRPC client), of the whole machine (all cores)
 
 
 @dataclass
@@ -263,7 +276,7 @@ def _ms(text: str) -> float:
     return float(number) * _UNITS[unit]
 
 
-def run_wrk(url: str, manifest: Path, concurrency: int, seconds: float, threads: int) -> tuple[dict, float]:
+def run_wrk(url: str, manifest: Path, concurrency: int, seconds: float, threads: int, script: Path = LUA) -> tuple[dict, float]:
     """Run wrk; its parsed figures and its CPU share of the machine."""
     command = [
         "wrk",
@@ -274,7 +287,7 @@ def run_wrk(url: str, manifest: Path, concurrency: int, seconds: float, threads:
         "--timeout",
         "30s",
         "-s",
-        str(LUA),
+        str(script),
         url,
         "--",
         str(manifest),
@@ -303,21 +316,152 @@ def run_wrk(url: str, manifest: Path, concurrency: int, seconds: float, threads:
     return figures, cpu / wall / (os.cpu_count() or 1)
 
 
+Runner = Callable[[int, float], tuple[dict, float]]
+
+
+def wrk_runner(url: str, manifest: Path, threads: int, script: Path = LUA) -> Runner:
+    return lambda concurrency, seconds: run_wrk(url, manifest, concurrency, seconds, threads, script)
+
+
+def grpc_runner(target: str, requests: Path) -> Runner:
+    """Load from a child process (its CPU counted like wrk's): `requests` holds serialised ModelInferRequests."""
+
+    def run(concurrency: int, seconds: float) -> tuple[dict, float]:
+        command = [sys.executable, __file__, "--grpc-load", target, str(requests), str(concurrency), str(max(1.0, seconds))]
+        with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file:
+            began = time.perf_counter()
+            process = subprocess.Popen(command, stdout=out_file, stderr=err_file, cwd=ROOT)
+            _, status, usage = os.wait4(process.pid, 0)
+            wall = time.perf_counter() - began
+            out_file.seek(0)
+            err_file.seek(0)
+            out, err = out_file.read().decode(), err_file.read().decode()
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"the gRPC load generator failed: {err[-2000:]}")
+        return json.loads(out), (usage.ru_utime + usage.ru_stime) / wall / (os.cpu_count() or 1)
+
+    return run
+
+
+def write_requests(path: Path, messages: list[bytes]) -> None:
+    path.write_bytes(b"".join(len(m).to_bytes(4, "little") + m for m in messages))
+
+
+def read_requests(path: Path) -> list[bytes]:
+    data, out, offset = path.read_bytes(), [], 0
+    while offset < len(data):
+        length = int.from_bytes(data[offset : offset + 4], "little")
+        out.append(data[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    return out
+
+
+async def grpc_load(target: str, requests: list[bytes], concurrency: int, seconds: float) -> dict:
+    """`concurrency` callers, each on its own connection, sending pre-serialised requests back to back."""
+    import grpc
+
+    options = [
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.max_receive_message_length", -1),
+        ("grpc.max_send_message_length", -1),
+    ]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(concurrency)]
+    # No (de)serialisers: bytes go out as they are and answers are not parsed, as wrk sends prepared bodies.
+    calls = [channel.unary_unary(GRPC_METHOD) for channel in channels]
+    await asyncio.gather(*(call(requests[0], timeout=60) for call in calls))  # connect; not counted
+    latencies: list[float] = []
+    errors = 0
+
+    async def caller(index: int) -> None:
+        nonlocal errors
+        call, k = calls[index], index
+        while time.perf_counter() < end:
+            started = time.perf_counter()
+            try:
+                await call(requests[k % len(requests)], timeout=30)
+                latencies.append(time.perf_counter() - started)
+            except grpc.aio.AioRpcError:
+                errors += 1
+            k += concurrency
+
+    began = time.perf_counter()
+    end = began + seconds
+    await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    for channel in channels:
+        await channel.close()
+    ms = np.array(latencies) * 1000 if latencies else np.array([0.0])
+    return {
+        "requests_per_s": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "errors": errors,
+    }
+
+
+def v2_requests(name: str, path: Path, blobs: list[bytes], folder: Path) -> dict[str, Path]:
+    """Every v2 body, built once: REST binary with the JPEG as BYTES, REST binary UINT8, gRPC UINT8.
+
+    The UINT8 tensors are what a client that decodes and resizes itself would send: the model's
+    own input, decoded by the shared core exactly as the service decodes an upload.
+    """
+    import onnxruntime as ort
+
+    from kos_core.artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata
+    from kos_core.imaging import decode_image
+    from service.v2.codec import serialize_bytes
+    from service.v2.messages import messages
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = ModelMetadata.from_metadata_props(session.get_modelmeta().custom_metadata_map)
+    tensors = [decode_image(blob, "x.jpg", meta.input_spec, 40_000_000)[None] for blob in blobs]
+    outputs = [{"name": OUTPUT_NAME, "parameters": {"classification": TOP_K}}]
+    folder.mkdir(parents=True, exist_ok=True)
+    manifests = {}
+    for protocol, datatype, payloads in (
+        ("v2-jpeg", "BYTES", [serialize_bytes([blob]) for blob in blobs]),
+        ("v2-uint8", "UINT8", [tensor.tobytes() for tensor in tensors]),
+    ):
+        lines = []
+        for i, (payload, tensor) in enumerate(zip(payloads, tensors)):
+            shape = [1] if datatype == "BYTES" else list(tensor.shape)
+            tensor_header = {
+                "name": INPUT_NAME,
+                "datatype": datatype,
+                "shape": shape,
+                "parameters": {"binary_data_size": len(payload)},
+            }
+            header = json.dumps({"inputs": [tensor_header], "outputs": outputs}).encode()
+            body = folder / f"{protocol}-{i}.bin"
+            body.write_bytes(header + payload)
+            lines.append(f"{len(header)} {body}")
+        manifests[protocol] = folder / f"{protocol}.txt"
+        manifests[protocol].write_text("\n".join(lines) + "\n")
+    protocol = messages()
+    serialised = []
+    for tensor in tensors:
+        request = protocol.ModelInferRequest(model_name=name, raw_input_contents=[tensor.tobytes()])
+        request.inputs.add(name=INPUT_NAME, datatype="UINT8", shape=list(tensor.shape))
+        request.outputs.add(name=OUTPUT_NAME).parameters["classification"].int64_param = TOP_K
+        serialised.append(request.SerializeToString())
+    manifests["grpc-u8"] = folder / "grpc-u8.bin"
+    write_requests(manifests["grpc-u8"], serialised)
+    return manifests
+
+
 def load_test(
-    targets: dict[str, str],
-    manifest: Path,
+    targets: dict[str, Runner],
     concurrencies: list[int],
     seconds: float,
     rounds: int,
-    threads: int,
     ceiling: Pipeline | None = None,
 ) -> tuple[list[LoadResult], dict[int, float]]:
     """Every target at every concurrency, in alternating rounds so that drift in the machine's
     load (it is shared) hits every target alike; rates are averaged, p50 is the median of the
     rounds' p50s, p99 the worst round's. The ceiling, when given, is re-measured in every round
     too, so each concurrency's "share of the ceiling" compares figures taken side by side."""
-    for url in targets.values():
-        run_wrk(url, manifest, max(concurrencies), max(1.0, seconds / 3), threads)  # warm-up, not counted
+    for runner in targets.values():
+        runner(max(concurrencies), max(1.0, seconds / 3))  # warm-up, not counted
     results = []
     ceilings: dict[int, float] = {}
     for c in concurrencies:
@@ -326,8 +470,8 @@ def load_test(
         for _ in range(rounds):
             if ceiling is not None:
                 ceiling_rates.append(ceiling.rate(seconds / rounds))
-            for target, url in targets.items():
-                rounds_by_target[target].append(run_wrk(url, manifest, c, seconds / rounds, threads))
+            for target, runner in targets.items():
+                rounds_by_target[target].append(runner(c, seconds / rounds))
         if ceiling_rates:
             ceilings[c] = float(np.mean(ceiling_rates))
             progress(f"  ceiling  c={c:3d}: {ceilings[c]:8.1f} img/s (in-process, same rounds)")
@@ -344,7 +488,7 @@ def load_test(
             results.append(result)
             progress(
                 f"  {target:8s} c={c:3d}: {result.requests_per_s:8.1f} img/s  p50 {result.p50_ms:7.2f} ms  "
-                f"p99 {result.p99_ms:7.2f} ms  wrk CPU {result.wrk_cpu_share:5.1%}"
+                f"p99 {result.p99_ms:7.2f} ms  load CPU {result.wrk_cpu_share:5.1%}"
             )
     return results, ceilings
 
@@ -401,13 +545,16 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     tuned = []
     if "ceiling" in record and not args.untuned:
         tuned = service_setting(pipeline.setting, tried)
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
+    v2 = v2_requests(name, path, blobs, work / name / "v2")
     service = [
         sys.executable,
         "-m",
         "service",
         "--port",
         str(port),
+        "--grpc-port",
+        str(grpc_port),
         "--repository",
         str(repository),
         "--log-level",
@@ -420,7 +567,13 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     record["service_flags"] = service[3:]
     progress(f"{name}: starting the service ({' '.join(service[2:])})" + ("" if args.skip_naive else " and the naive endpoint"))
     processes = [start(service, port)]
-    targets = {"service": f"http://127.0.0.1:{port}/predict/{name}"}
+    infer = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
+    targets: dict[str, Runner] = {
+        "service": wrk_runner(f"http://127.0.0.1:{port}/predict/{name}", manifest, args.wrk_threads),
+        "v2-jpeg": wrk_runner(infer, v2["v2-jpeg"], args.wrk_threads, V2_LUA),
+        "v2-uint8": wrk_runner(infer, v2["v2-uint8"], args.wrk_threads, V2_LUA),
+        "grpc-u8": grpc_runner(f"127.0.0.1:{grpc_port}", v2["grpc-u8"]),
+    }
     try:
         if not args.skip_naive:
             naive_port = free_port()
@@ -430,8 +583,8 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
                     naive_port,
                 )
             )
-            targets["naive"] = f"http://127.0.0.1:{naive_port}/predict/{name}"
-        results, ceilings = load_test(targets, manifest, args.concurrency, args.duration, args.rounds, args.wrk_threads, pipeline)
+            targets["naive"] = wrk_runner(f"http://127.0.0.1:{naive_port}/predict/{name}", manifest, args.wrk_threads)
+        results, ceilings = load_test(targets, args.concurrency, args.duration, args.rounds, pipeline)
     finally:
         for process in processes:
             stop(process)
@@ -445,7 +598,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
 def print_table(records: list[dict]) -> None:
     print()
     print(
-        f"{'model':10s} {'target':8s} {'conc':>4s} {'img/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} {'wrk CPU':>8s} {'of ceiling':>10s}"
+        f"{'model':10s} {'target':8s} {'conc':>4s} {'img/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} {'load CPU':>8s} {'of ceiling':>10s}"
     )
     for record in records:
         ceiling = record.get("ceiling", {}).get("images_per_s")
@@ -471,6 +624,17 @@ def print_table(records: list[dict]) -> None:
                 f"  target 1: service at c=32 is {by[('service', 32)]['requests_per_s'] / alongside:.0%} of the ceiling "
                 f"measured in the same rounds, {alongside:.1f} img/s (goal >= 85%)"
             )
+        for c in sorted({r["concurrency"] for r in record["load"]}):
+            if ("service", c) not in by:
+                continue
+            base = by[("service", c)]
+            ratios = [
+                f"{t} {by[(t, c)]['requests_per_s'] / base['requests_per_s']:.2f}x img/s, p50 {by[(t, c)]['p50_ms'] - base['p50_ms']:+.2f} ms"
+                for t in V2_TARGETS
+                if (t, c) in by and base["requests_per_s"]
+            ]
+            if ratios:
+                print(f"  v2 against multipart at c={c}: " + "; ".join(ratios))
         if ("service", 1) in by and ("naive", 1) in by:
             gap = by[("service", 1)]["p50_ms"] - by[("naive", 1)]["p50_ms"]
             print(f"  target 2: service p50 at c=1 is {gap:+.2f} ms from the naive endpoint's (goal <= +2 ms)")
@@ -494,7 +658,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench-cache", help="where the MobileNetV2 export is kept")
     parser.add_argument("--json", type=Path, default=ROOT / "runs" / "serve_bench.json", help="where to write the figures")
     parser.add_argument("--build-mobilenet", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--grpc-load", nargs=4, metavar=("TARGET", "REQUESTS", "CONCURRENCY", "SECONDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.grpc_load:
+        target, requests, concurrency, seconds = args.grpc_load
+        print(json.dumps(asyncio.run(grpc_load(target, read_requests(Path(requests)), int(concurrency), float(seconds)))))
+        return
     if args.build_mobilenet:
         build_mobilenet(args.build_mobilenet)
         return

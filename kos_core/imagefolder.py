@@ -6,7 +6,6 @@ and calibration images.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import InputSpec
+from .cpus import available_cpus
 from .errors import ImageFolderError
 from .imaging import decode_image
 
@@ -103,7 +103,7 @@ def load_folder(
 
     images, targets, files, skipped = [], [], [], []
     # Pillow releases the GIL while decoding and resizing, so threads use every core.
-    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 1)) as pool:
+    with ThreadPoolExecutor(max_workers=workers or min(8, available_cpus() + 1)) as pool:
         for (path, target), (array, error) in zip(jobs, pool.map(decode, jobs)):
             relative = str(path.relative_to(root))
             if array is None:

@@ -80,24 +80,30 @@ def repository_problems(repository: Path) -> list[str]:
             if entry.suffix == ".onnx":
                 problems.append(f"{entry.name} lies at the top of the repository: put it in NAME/1/{MODEL_FILENAME}")
             continue
-        try:
-            subs = sorted(entry.iterdir())
-        except OSError as exc:
-            problems.append(f"{entry.name} cannot be read: {exc.strerror}")
+        problems.extend(model_folder_problems(entry))
+    return problems
+
+
+def model_folder_problems(folder: Path) -> list[str]:
+    """Entries of one model's folder that look meant to be served but are not VERSION/model.onnx."""
+    try:
+        subs = sorted(folder.iterdir())
+    except OSError as exc:
+        return [f"{folder.name} cannot be read: {exc.strerror}"]
+    problems = []
+    for sub in subs:
+        where = f"{folder.name}/{sub.name}"
+        if sub.name.startswith("."):
             continue
-        for sub in subs:
-            where = f"{entry.name}/{sub.name}"
-            if sub.name.startswith("."):
-                continue
-            if sub.is_file():
-                if sub.suffix == ".onnx":
-                    problems.append(f"{where} has no version folder: put it in {entry.name}/1/{MODEL_FILENAME}")
-            elif not (sub.name.isdigit() and int(sub.name) > 0):
-                problems.append(f"{where} is not a version folder (a whole number from 1 up): ignored")
-            else:
-                try:
-                    if not (sub / MODEL_FILENAME).is_file():
-                        problems.append(f"{where} holds no {MODEL_FILENAME}: ignored")
-                except OSError as exc:
-                    problems.append(f"{where} cannot be read: {exc.strerror}")
+        if sub.is_file():
+            if sub.suffix == ".onnx":
+                problems.append(f"{where} has no version folder: put it in {folder.name}/1/{MODEL_FILENAME}")
+        elif not (sub.name.isdigit() and int(sub.name) > 0):
+            problems.append(f"{where} is not a version folder (a whole number from 1 up): ignored")
+        else:
+            try:
+                if not (sub / MODEL_FILENAME).is_file():
+                    problems.append(f"{where} holds no {MODEL_FILENAME}: ignored")
+            except OSError as exc:
+                problems.append(f"{where} cannot be read: {exc.strerror}")
     return problems

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging.config
-import math
 import sys
 from typing import Any
 
-import uvicorn
+from pydantic import ValidationError
 
 from .app import create_app
 from .logs import log_config
 from .runtime import DeviceUnavailable
+from .server import serve
 from .settings import ENV_PREFIX, Settings
 from .startup import prepare_process
 
@@ -35,12 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_problems(exc: ValidationError) -> str:
+    """Each problem on its own line, named by its flag; never the values given (an API key among them)."""
+    lines = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        where = ".".join(str(part) for part in error["loc"])
+        lines.append(f"  --{where.replace('_', '-')}: {message}" if where else f"  {message}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     overrides = vars(build_parser().parse_args(argv))
     try:
         settings = Settings(**overrides)
-    except Exception as exc:
-        sys.exit(f"invalid settings: {exc}")
+    except ValidationError as exc:
+        sys.exit(f"invalid settings:\n{settings_problems(exc)}")
     config = log_config(settings.log_level, settings.log_format)
     logging.config.dictConfig(config)
     if settings.frontends > 1:
@@ -53,15 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"cannot start: {exc}")
     # One process per device: several workers would each load every model (and, on a GPU, each
     # hold its own CUDA context and memory arena). Scale out with more processes behind a balancer.
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=config,
-        log_level=settings.log_level,
-        # uvicorn takes whole seconds: round up, so a short timeout is never cut to none at all.
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
-    )
+    sys.exit(serve(app, settings, config))
 
 
 if __name__ == "__main__":

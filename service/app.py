@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -13,15 +10,21 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from kos_core.cpus import available_cpus
+
 from .dataplane import DataPlane
 from .errors import install_error_handlers
+from .lifecycle import Lifecycle, ModelStateCollector
 from .metrics import Metrics
 from .middleware import BodySizeLimit, PredictionGate
 from .page import router as page_router
+from .probes import probes
 from .registry import Registry
 from .routes import protected, require_api_key, router
 from .runtime import Device
 from .settings import Settings
+from .v2 import rest as v2_rest
+from .v2.grpc_service import create_grpc_server
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,12 @@ DESCRIPTION = """Image classifiers trained with Keras, exported to ONNX, served 
 
 Upload images to `POST /predict/{model}` as `multipart/form-data` parts named `files`; concurrent
 requests are batched together. Every error answers JSON with a human-readable `detail`; a 503
-carries `Retry-After`."""
+carries `Retry-After`.
+
+The Open Inference Protocol (KServe v2 / Triton) is served beside it: `/v2/...` here (health,
+metadata, model configuration, infer with the binary tensor data and classification extensions;
+errors `{"error": ...}`), and the same over gRPC on its own port (`--grpc-port`). Standard clients
+such as tritonclient work unchanged."""
 
 
 # What builds the app's registry: the Registry itself, or a front end's mirror of the owner's (service/mirror.py).
@@ -42,28 +50,34 @@ def create_app(
     """The service for `settings` on `device` (from `startup.prepare_process`); models load in the lifespan."""
     metrics = metrics if metrics is not None else Metrics()
     # Decoding runs here, never on the event loop; Pillow releases the GIL while it works. Its memory
-    # is bounded: at most this many images of at most max_image_pixels decode at once.
-    decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or os.cpu_count() or 1, thread_name_prefix="decode")
+    # is bounded: at most this many images of at most max_image_pixels decode at once. Sized by the
+    # CPUs the container may use (its cgroup quota), not the host's cores.
+    decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or available_cpus(), thread_name_prefix="decode")
     registry = registry_factory(settings, device, metrics, decode_pool)
-    dataplane = DataPlane(settings, registry, metrics, decode_pool)
+    lifecycle = Lifecycle(settings, registry)
+    dataplane = DataPlane(settings, registry, metrics, decode_pool, readiness=lifecycle.readiness, liveness=lifecycle.liveness)
+    metrics.registry.register(ModelStateCollector(lifecycle))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Loading happens before the port opens, off the loop so the lifespan stays responsive.
-        await asyncio.to_thread(registry.load_all)
-        registry.start()
-        watcher = asyncio.create_task(registry.watch(settings.watch_interval_s)) if settings.watch_interval_s > 0 else None
-        ready = sum(m.state == "ready" for m in registry.all())
-        log.info("serving %d of %d model versions from %s", ready, len(registry.all()), settings.repository)
+        # The Open Inference Protocol's gRPC service: this process and event loop, so every protocol
+        # feeds the same batchers. It opens before the models load, as the HTTP port does (server.py),
+        # so that its liveness and readiness RPCs answer while they load.
+        grpc_server = None
+        if settings.grpc_port:
+            grpc_server, grpc_port = create_grpc_server(dataplane, settings, app.state)
+            await grpc_server.start()
+            log.info("Open Inference Protocol over gRPC on %s:%d", settings.host, grpc_port)
+        # Models load and warm here; the server has opened its port already (server.py), so probes answer meanwhile.
+        await lifecycle.start()
         try:
             yield
         finally:
-            # uvicorn has stopped taking requests and waited for those in flight; queued images finish here.
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-            await registry.close()
+            # The server has drained connections and requests in flight; gRPC takes no new calls from here
+            # and gives those in flight up to the shutdown timeout; queued images finish in lifecycle.stop().
+            if grpc_server is not None:
+                await grpc_server.stop(settings.shutdown_timeout_s)
+            await lifecycle.stop()
             decode_pool.shutdown(wait=True)
 
     app = FastAPI(title="keras-onnx-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
@@ -71,10 +85,14 @@ def create_app(
     app.state.registry = registry
     app.state.metrics = metrics
     app.state.dataplane = dataplane
+    app.state.lifecycle = lifecycle
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(probes)
     app.include_router(page_router)
     app.include_router(protected, dependencies=[Depends(require_api_key)] if settings.api_key else None)
+    app.include_router(v2_rest.public)
+    app.include_router(v2_rest.models, dependencies=[Depends(require_api_key)] if settings.api_key else None)
     # The last added runs first: CORS answers pre-flights and decorates every answer, the gate refuses
     # early and sees every status (413 included), the size limit sits right in front of the body parser.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)

@@ -378,7 +378,12 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._no_incoming.wait(), _ANNOUNCED_WAIT_S)
             self._queue.put_nowait(_STOP)
-            await self._task
+            # A gathering task that died (liveness reports it) must not stop the close: what it
+            # raised was logged by the supervisor, and the waiting images fail below.
+            await asyncio.gather(self._task, return_exceptions=True)
+            for item in self._drain_queue():
+                if not item.future.done():
+                    item.future.set_exception(self._inference_failed())
         while self._running:
             await asyncio.gather(*list(self._running), return_exceptions=True)
         self._executor.shutdown(wait=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -41,6 +41,18 @@ class EncodedImage:
 
     filename: str
     data: bytes
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a request must have started running: its arrival plus its model's timeout, or the client's own sooner one."""
+
+    arrival: float  # time.monotonic() when the request arrived
+    client: float | None = None  # a deadline the client set (gRPC's, or the v2 `timeout` parameter), on the same clock
+
+    def at(self, timeout_s: float) -> float:
+        deadline = self.arrival + timeout_s
+        return deadline if self.client is None else min(deadline, self.client)
 
 
 @dataclass(frozen=True)
@@ -74,11 +86,23 @@ def decode(image: EncodedImage, spec: InputSpec, max_pixels: int) -> np.ndarray:
 class DataPlane:
     """Classify images with served models; built once by the app factory and shared by every protocol."""
 
-    def __init__(self, settings: Settings, registry: Registry, metrics: Metrics, decode_pool: Executor):
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        metrics: Metrics,
+        decode_pool: Executor,
+        readiness: Callable[[], tuple[bool, str]] | None = None,
+        liveness: Callable[[], tuple[bool, str]] | None = None,
+    ):
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
         self.decode_pool = decode_pool
+        # The service's readiness (lifecycle.py: start-up loading, draining, --readiness-policy); the
+        # registry's own view of its models when the data plane is used without a lifecycle.
+        self._readiness = readiness or (lambda: (registry.ready(), "by the models' states alone"))
+        self._liveness = liveness or (lambda: (True, "live"))
 
     def served(self, name: str, version: int | None = None) -> ServedModel:
         """The requested version, or the highest ready one; ModelNotFound (404) or a 503 otherwise."""
@@ -94,9 +118,17 @@ class DataPlane:
             pass  # being replaced: the new version takes the request
         return served
 
+    def readiness(self) -> tuple[bool, str]:
+        """Whether to send requests here, and why in words: what /health and the v2 readiness route answer."""
+        return self._readiness()
+
     def ready(self) -> bool:
-        """Ready when every model has a ready version (what /health and the v2 readiness routes answer)."""
-        return self.registry.ready()
+        """The first half of `readiness()`."""
+        return self._readiness()[0]
+
+    def liveness(self) -> tuple[bool, str]:
+        """Whether the process still works, whatever its models' state: what /livez and the v2 live route answer."""
+        return self._liveness()
 
     def _check_count(self, count: int, what: str = "files") -> None:
         limit = self.settings.max_files_per_request
@@ -122,7 +154,7 @@ class DataPlane:
                 )
 
     async def classify_files(
-        self, name: str, version: int | None, files: Sequence[EncodedImage], deadline: float, protocol: str
+        self, name: str, version: int | None, files: Sequence[EncodedImage], deadline: Deadline, protocol: str
     ) -> Classification:
         """Decode `files` as training decoded its images, and classify them; raises a ServiceError."""
         if not files:
@@ -143,7 +175,7 @@ class DataPlane:
         raise self._swapping(name)
 
     async def classify_tensor(
-        self, name: str, version: int | None, images: np.ndarray, deadline: float, protocol: str
+        self, name: str, version: int | None, images: np.ndarray, deadline: Deadline, protocol: str
     ) -> Classification:
         """Classify uint8 images already at the model's input size, [batch, H, W, C]; raises a ServiceError."""
         self._check_count(len(images), "images")
@@ -164,11 +196,9 @@ class DataPlane:
             return self._answer(served, rows, [f"image {i}" for i in range(len(images))])
         raise self._swapping(name)
 
-    def _deadline(self, served: ServedModel, deadline: float) -> float:
-        """Protocols set a request's deadline by the service's timeout; a model's own settings file may move it."""
-        if served.settings is None:
-            return deadline
-        return deadline + served.settings.request_timeout_s - self.settings.request_timeout_s
+    def _deadline(self, served: ServedModel, deadline: Deadline) -> float:
+        """The request's deadline by its model's timeout (the service's, unless the model's settings file sets one)."""
+        return deadline.at((served.settings or self.settings).request_timeout_s)
 
     def _swapping(self, name: str) -> InferenceFailed:
         return InferenceFailed(f"model {name!r} was replaced {_SWAP_RETRIES} times while this request waited; retry it")

@@ -61,8 +61,14 @@ _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def refuse(settings: Settings) -> str | None:
     """Why this machine cannot run `settings.frontends` processes, or None when it can."""
+    n = settings.frontends
     if not sys.platform.startswith("linux"):
-        return f"--frontends {settings.frontends} needs Linux (shared listening socket, /dev/shm); use --frontends 1"
+        return f"--frontends {n} needs Linux (shared listening socket, /dev/shm); use --frontends 1"
+    if settings.grpc_port:
+        # Each front end would open its own gRPC server on the port (grpc sets SO_REUSEPORT): not built nor tested yet.
+        return f"--frontends {n} serves HTTP only for now: add --grpc-port 0 (KOS_GRPC_PORT=0), or use --frontends 1 for gRPC"
+    if settings.drain_delay_s:
+        return f"--frontends {n} does not keep --drain-delay-s yet: leave it at 0, or use --frontends 1"
     return None
 
 

@@ -41,7 +41,7 @@ class BodySizeLimit:
         scope[ARRIVAL_KEY] = time.monotonic()
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(send, scope)
             return
         received = 0
         refused = False
@@ -57,7 +57,7 @@ class BodySizeLimit:
                 if received > self.max_bytes:
                     refused = True
                     if not response_started:
-                        await self._refuse(send)
+                        await self._refuse(send, scope)
                     return {"type": "http.disconnect"}
             return message
 
@@ -71,8 +71,10 @@ class BodySizeLimit:
 
         await self.app(scope, counting_receive, guarded_send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body is larger than the limit of {self.max_bytes} bytes"}).encode()
+    async def _refuse(self, send: Send, scope: Scope) -> None:
+        # The Open Inference Protocol's errors are {"error": ...}; the service's own, {"detail": ...}.
+        key = "error" if scope.get("path", "").startswith("/v2/") else "detail"
+        body = json.dumps({key: f"request body is larger than the limit of {self.max_bytes} bytes"}).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -200,6 +200,11 @@ class RemoteBatcher:
         """Nothing to start here: the owner's batcher gathers."""
 
     @property
+    def healthy(self) -> bool:
+        """Liveness of the owner's batcher is the owner's concern; while it is away, predictions answer 503."""
+        return True
+
+    @property
     def depth(self) -> int:
         state = self._board.read(self._slot, self._generation) if self._generation else None
         return state[0] if state else 0
@@ -313,8 +318,8 @@ class MirrorRegistry(Registry):
         self.link.close()
         self.board.close()
 
-    def ready(self) -> bool:
-        return self.link.up and super().ready()
+    def ready(self, strict: bool = False) -> bool:
+        return self.link.up and super().ready(strict)
 
     def all(self) -> list[ServedModel]:
         return super().all() if self.link.up else []
@@ -344,6 +349,7 @@ class MirrorRegistry(Registry):
                 mirrored = self._mirror(entry)
             models.setdefault(mirrored.name, {})[mirrored.version] = mirrored
         self.models = models
+        self.loading = False  # the owner has loaded its models before it answers
 
     @staticmethod
     def _same(current: MirroredModel, entry: dict[str, Any]) -> bool:

@@ -19,7 +19,15 @@ import numpy as np
 import onnxruntime as ort
 
 from kos_core.artifact import INPUT_NAME, OUTPUT_NAME, PRECISION_FILENAMES, ModelMetadata
-from kos_core.layout import list_models, model_path, model_settings_path, repository_problems, served_file
+from kos_core.layout import (
+    list_models,
+    list_versions,
+    model_folder_problems,
+    model_path,
+    model_settings_path,
+    repository_problems,
+    served_file,
+)
 
 from .batcher import Batcher
 from .errors import ModelFailed, ModelNotFound, ModelNotReady
@@ -198,19 +206,38 @@ class Registry:
         self._refused: dict[tuple[str, int], Fingerprint | None] = {}
         self._lock = asyncio.Lock()
         self._reported: set[str] = set()
+        # True until the start-up load is done: a request for a model not loaded yet gets 503, not 404.
+        self.loading = True
         if settings.lone_request_threads and device.is_cuda:
             log.info("lone_request_threads applies on CPU only; on CUDA every request runs on the one session")
         if settings.precision == "int8" and device.is_cuda:
             log.warning("precision=int8 on CUDA: int8 files are quantised for CPUs and may run slower on a GPU than float16")
 
+    def _where(self, name: str) -> tuple[Path, str]:
+        """The (repository, folder) that kos_core.layout's paths take for `name`.
+
+        With --model-name the repository folder is that model's own folder, holding its versions.
+        """
+        if self.settings.model_name is None:
+            return self.settings.repository, name
+        folder = self.settings.repository.resolve()
+        return folder.parent, folder.name
+
+    def _list(self) -> dict[str, list[int]]:
+        """Every model name with its versions, in whichever layout the settings ask for."""
+        if self.settings.model_name is None:
+            return list_models(self.settings.repository)
+        versions = list_versions(*self._where(self.settings.model_name))
+        return {self.settings.model_name: versions} if versions else {}
+
     def _fingerprint(self, name: str, version: int) -> Fingerprint:
-        repository, precision = self.settings.repository, self.settings.precision
+        (repository, folder), precision = self._where(name), self.settings.precision
         # The model's settings file first: it may change which file `precision` serves.
         files = dict.fromkeys(
             [
-                model_settings_path(repository, name),
-                model_path(repository, name, version, precision),
-                model_path(repository, name, version),
+                model_settings_path(repository, folder),
+                model_path(repository, folder, version, precision),
+                model_path(repository, folder, version),
             ]
         )
         return tuple(stamp(f) for f in files)
@@ -218,25 +245,25 @@ class Registry:
     def _load(self, name: str, version: int) -> ServedModel:
         """Load the file `precision` asks for; a missing or broken variant falls back to model.onnx, with a warning."""
         fp = self._fingerprint(name, version)
-        repository = self.settings.repository
-        settings_file = model_settings_path(repository, name)
+        repository, folder = self._where(name)
+        settings_file = model_settings_path(repository, folder)
         try:
             overrides = read_overrides(settings_file)
-            settings = model_settings(self.settings, overrides, f"{name}/{settings_file.name}")
+            settings = model_settings(self.settings, overrides, f"{folder}/{settings_file.name}")
         except ModelSettingsError as exc:
             log.error("could not load %s v%d: %s", name, version, exc)
-            served = ServedModel(name, version, model_path(repository, name, version), state="failed", error=str(exc))
+            served = ServedModel(name, version, model_path(repository, folder, version), state="failed", error=str(exc))
             served.fingerprint = fp
             self.metrics.model_loads.labels(name, served.state).inc()
             return served
         if overrides:
-            log.info("%s v%d: settings from %s/%s: %s", name, version, name, settings_file.name, overrides)
+            log.info("%s v%d: settings from %s/%s: %s", name, version, folder, settings_file.name, overrides)
         precision = settings.precision
-        path = served_file(repository, name, version, precision)
+        path = served_file(repository, folder, version, precision)
         if precision != "float32" and path.name != PRECISION_FILENAMES[precision]:
             log.warning("%s v%d has no %s variant: serving %s", name, version, precision, path.name)
         served = load_model(name, version, path, settings, self.device)
-        fallback = model_path(repository, name, version)
+        fallback = model_path(repository, folder, version)
         if served.state == "failed" and path != fallback and fallback.is_file():
             log.warning(
                 "%s v%d: the %s variant failed to load (%s); serving %s", name, version, precision, served.error, fallback.name
@@ -252,8 +279,9 @@ class Registry:
         if not repository.is_dir():
             log.warning("model repository %s does not exist: no models to serve", repository)
         self._report_problems()
-        for name, versions in list_models(repository).items():
+        for name, versions in self._list().items():
             self.models[name] = {v: self._load(name, v) for v in versions}
+        self.loading = False
 
     def start(self) -> None:
         """Give every ready version its batcher; call from the running event loop."""
@@ -297,7 +325,7 @@ class Registry:
                     self.models.setdefault(name, {})[version] = ServedModel(
                         name,
                         version,
-                        served_file(self.settings.repository, name, version, self.settings.precision),
+                        served_file(*self._where(name), version, self.settings.precision),
                         at_start=False,
                     )
                 new = await asyncio.to_thread(self._load, name, version)
@@ -334,15 +362,19 @@ class Registry:
 
     def _report_problems(self) -> None:
         """Log each misplaced file or folder in the repository once, rather than ignoring it in silence."""
-        for problem in repository_problems(self.settings.repository):
+        repository = self.settings.repository
+        if self.settings.model_name is None:
+            problems = repository_problems(repository)
+        else:
+            problems = model_folder_problems(repository) if repository.is_dir() else []
+        for problem in problems:
             if problem not in self._reported:
                 self._reported.add(problem)
                 log.warning("model repository %s: %s", self.settings.repository, problem)
 
     def _scan(self) -> dict[tuple[str, int], Fingerprint | None]:
-        repository = self.settings.repository
         self._report_problems()
-        return {(name, v): self._fingerprint(name, v) for name, versions in list_models(repository).items() for v in versions}
+        return {(name, v): self._fingerprint(name, v) for name, versions in self._list().items() for v in versions}
 
     async def watch(self, interval_s: float) -> None:
         """Refresh every `interval_s` seconds until cancelled; a failed scan is logged and retried."""
@@ -359,21 +391,28 @@ class Registry:
         """Finish every queued image of every model, then stop the batchers and free the sessions."""
         await asyncio.gather(*(m.close() for m in self.all()))
 
-    def ready(self) -> bool:
-        """Ready when every model name has a ready version.
+    def unready_names(self, strict: bool = False) -> tuple[list[str], list[str]]:
+        """(names that keep the node out, names reported but not counted): model names with no ready version.
 
         Readiness is per name: a new version that is loading or failed while an older one serves
-        does not take the node out of a load balancer. A name first seen by a scan of the running
-        service does not count until it is ready, so one bad file dropped into a shared repository
-        does not take every replica out.
+        does not take the node out of a load balancer. Unless `strict`, a name first seen by a scan
+        of the running service does not count until it is ready, so one bad file dropped into a
+        shared repository does not take every replica out.
         """
         models = self.all()
         serving = {m.name for m in models if m.state == "ready"}
-        counted = {m.name for m in models if m.at_start or m.name in serving}
-        return bool(serving) and counted <= serving
+        missing = sorted({m.name for m in models} - serving)
+        counted = {m.name for m in models if m.at_start or strict}
+        return [n for n in missing if n in counted], [n for n in missing if n not in counted]
+
+    def ready(self, strict: bool = False) -> bool:
+        """Ready when some model serves and no model name that counts (see `unready_names`) lacks a ready version."""
+        return any(m.state == "ready" for m in self.all()) and not self.unready_names(strict)[0]
 
     def versions(self, name: str) -> list[ServedModel]:
         """Every version of `name`, ascending, whatever its state; 404 if the name is unknown."""
+        if name not in self.models and self.loading:
+            raise ModelNotReady(f"model {name!r} is not loaded yet: the service is loading its models", retry_after=5)
         if name not in self.models:
             known = ", ".join(sorted(self.models)) or "none"
             raise ModelNotFound(f"model {name!r} is not served (served models: {known})")

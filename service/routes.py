@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Path, Query, Request, Security, UploadFile
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from .dataplane import Classification, DataPlane, EncodedImage
+from .dataplane import Classification, DataPlane, Deadline, EncodedImage
 from .errors import (
     BadRequest,
     DeadlineExceeded,
@@ -117,7 +117,7 @@ async def predict_route(
     dataplane: DataPlane = request.app.state.dataplane
     dataplane.admit(model, version, len(files))
     images = [EncodedImage(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
-    deadline = request.scope.get(ARRIVAL_KEY, time.monotonic()) + dataplane.settings.request_timeout_s
+    deadline = Deadline(request.scope.get(ARRIVAL_KEY, time.monotonic()))
     result = await dataplane.classify_files(model, version, images, deadline, protocol="multipart")
     # Serialised straight from the model we built, rather than validated again against
     # `response_model` (which still documents the shape): that is a fair share of a request's CPU.
@@ -138,17 +138,24 @@ def _predict_answer(result: Classification, images: list[EncodedImage], top_k: i
     "/health",
     response_model=HealthResponse,
     summary="Ready when every model has a version loaded and warmed",
+    description="Readiness, for load balancers and readiness probes (policy: --readiness-policy). Liveness is GET /livez.",
     responses={
-        503: {"model": HealthResponse, "description": "A model has no ready version (loading or failed), or none is served."}
+        503: {
+            "model": HealthResponse,
+            "description": "Loading at start-up, draining for shutdown, a model has no ready version, or none is served.",
+        }
     },
 )
 async def health(request: Request) -> JSONResponse:
     registry = _registry(request)
     models = registry.all()
-    # The body lists every version's state, also of those that do not count for readiness.
-    ready = registry.ready()
+    # Readiness is per model name under --readiness-policy (lifecycle.py), and 503 while loading or
+    # draining; the body lists every version's state, also of those that do not count for readiness.
+    ready, reason = request.app.state.dataplane.readiness()
+    phase = request.app.state.lifecycle.phase
     body = HealthResponse(
-        status="ready" if ready else "unavailable",
+        status="ready" if ready else phase if phase != "serving" else "unavailable",
+        reason=reason,
         device=DeviceInfo(providers=list(registry.device.providers), reason=registry.device.reason),
         models=[ModelHealth(name=m.name, version=m.version, state=m.state, providers=m.providers, error=m.error) for m in models],
     )

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from kos_core.cpus import quota_limited_cpus
+
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ class Device:
 
     providers: tuple[str, ...]
     reason: str
+    # True when the fall-back deserves a warning: a GPU is there but CUDA does not work on it.
+    worrying: bool = False
 
     @property
     def is_cuda(self) -> bool:
@@ -63,6 +67,11 @@ def cuda_problem() -> str | None:
     return None
 
 
+def gpu_present(dev: Path = Path("/dev")) -> bool:
+    """Whether this machine (or container) shows an NVIDIA GPU device node."""
+    return any(dev.glob("nvidia[0-9]*")) or (dev / "dxg").exists()
+
+
 def resolve_device(device: str) -> Device:
     """The providers for `device`: `cuda` raises DeviceUnavailable without a working CUDA, `auto` falls back to CPU."""
     if device == "cpu":
@@ -72,7 +81,10 @@ def resolve_device(device: str) -> Device:
         return Device((CUDA, CPU), f"device={device}: CUDA works")
     if device == "cuda":
         raise DeviceUnavailable(f"device=cuda but {problem}")
-    return Device((CPU,), f"device=auto: serving on CPU because {problem}")
+    if not gpu_present():
+        # On auto, a machine without a GPU is the normal case for a CPU deployment: not a problem.
+        return Device((CPU,), f"device=auto: serving on CPU because this machine has no NVIDIA GPU (no /dev/nvidia*; {problem})")
+    return Device((CPU,), f"device=auto: serving on CPU because {problem}", worrying=True)
 
 
 def create_session(
@@ -84,7 +96,10 @@ def create_session(
     """
     spinning = settings.intra_op_spinning if spinning is None else spinning
     options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads if intra_op_threads is None else intra_op_threads
+    threads = settings.intra_op_threads if intra_op_threads is None else intra_op_threads
+    # 0 lets onnxruntime size its pool by the host's cores; in a container with a CPU quota that
+    # oversubscribes what the quota allows, so it gets the quota's count instead.
+    options.intra_op_num_threads = threads or quota_limited_cpus() or 0
     options.inter_op_num_threads = settings.inter_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle onnxruntime threads spin by default; in a server they would burn the cores that decode

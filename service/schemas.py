@@ -44,9 +44,18 @@ class DeviceInfo(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ready", "unavailable"]
+    status: Literal["ready", "loading", "draining", "unavailable"] = Field(
+        description="ready (200); loading: the models found at start-up are loading; draining: shutting down; "
+        "unavailable: a model that counts for readiness has no ready version."
+    )
+    reason: str = Field(description="Why, in words.", examples=["ready"])
     device: DeviceInfo
     models: list[ModelHealth]
+
+
+class LivenessResponse(BaseModel):
+    status: Literal["live", "stuck"]
+    reason: str = Field(examples=["live"])
 
 
 class ModelInfo(BaseModel):

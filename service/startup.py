@@ -25,5 +25,6 @@ def prepare_process(settings: Settings) -> Device:
     allow_images_up_to(settings.max_image_pixels)
     ort.set_default_logger_severity(ORT_LOG_SEVERITY)
     device = resolve_device(settings.device)
-    log.info("%s", device.reason)
+    # A GPU that CUDA cannot use is worth a warning; on auto, a machine without one is the normal CPU case.
+    (log.warning if device.worrying else log.info)("%s", device.reason)
     return device

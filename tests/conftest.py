@@ -19,6 +19,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_REPOSITORY = ROOT / "models"
 
+# An app a test builds in-process from Settings() serves no gRPC unless the test asks for a port:
+# at the default 8001, two test runs on one machine would fight over it. A flag wins over this.
+os.environ.setdefault("KOS_GRPC_PORT", "0")
+
 
 @pytest.fixture(scope="session")
 def bundled_repository() -> Path:
@@ -54,13 +58,28 @@ def free_port() -> int:
 class LiveServer:
     """`python -m service` in a subprocess, as a user starts it."""
 
-    def __init__(self, repository: Path, extra_args: list[str], env: dict[str, str] | None = None):
-        self.port = free_port()
+    def __init__(self, repository: Path, extra_args: list[str], env: dict[str, str] | None = None, port: int | None = None):
+        # A given port: a new process in the place of one that exited, as a restarted replica.
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Its own free gRPC port (the Open Inference Protocol); a --grpc-port in extra_args wins.
+        self.grpc_port = free_port()
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self._log = tempfile.NamedTemporaryFile(prefix=f"service-{self.port}-", suffix=".log", delete=False)
         self.log_path = Path(self._log.name)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--port", str(self.port), "--repository", str(repository), *extra_args],
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "--port",
+                str(self.port),
+                "--grpc-port",
+                str(self.grpc_port),
+                "--repository",
+                str(repository),
+                *extra_args,
+            ],
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -68,16 +87,19 @@ class LiveServer:
         )
 
     def wait_until_listening(self, timeout: float = 60) -> None:
+        """Wait until the port is open and the models found at start-up are loaded (ready or failed)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log()}")
             try:
-                httpx.get(self.url + "/health", timeout=1)
-                return
+                # The port opens before models load; /health says "loading" until they are done.
+                if httpx.get(self.url + "/health", timeout=1).json().get("status") != "loading":
+                    return
             except httpx.TransportError:
-                time.sleep(0.1)
-        raise TimeoutError(f"service did not listen within {timeout}s:\n{self.log()}")
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"service did not finish starting within {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

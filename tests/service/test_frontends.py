@@ -120,7 +120,7 @@ def shapes(tmp_path_factory):
     """The same repository served by one process and by two front ends around an owner."""
     repository = make_repository(tmp_path_factory.mktemp("repository"), {"digits": model_path(BUNDLED_REPOSITORY, "digits", 1)})
     single = LiveServer(repository, ["--watch-interval-s", "0.3"])
-    multi = LiveServer(repository, ["--frontends", "2", "--watch-interval-s", "0.3"])
+    multi = LiveServer(repository, ["--frontends", "2", "--grpc-port", "0", "--watch-interval-s", "0.3"])
     try:
         single.wait_until_listening()
         multi.wait_until_listening()
@@ -213,7 +213,17 @@ def test_metrics_show_one_total_over_every_process(shapes):
 async def test_a_full_queue_answers_503_with_retry_after_from_every_front_end(tmp_path, start_server):
     repository = make_repository(tmp_path / "repository", {"slow": slow_model(tmp_path)})
     server = start_server(
-        repository, "--frontends", "2", "--max-batch-size", "1", "--queue-size", "2", "--max-files-per-request", "2"
+        repository,
+        "--frontends",
+        "2",
+        "--grpc-port",
+        "0",
+        "--max-batch-size",
+        "1",
+        "--queue-size",
+        "2",
+        "--max-files-per-request",
+        "2",
     )
     wait_ready(server)
     responses = await post_many(f"{server.url}/predict/slow", slow_bodies(24))
@@ -229,7 +239,9 @@ async def test_a_full_queue_answers_503_with_retry_after_from_every_front_end(tm
 
 async def test_a_deadline_passing_answers_504_and_its_images_never_run(tmp_path, start_server):
     repository = make_repository(tmp_path / "repository", {"slow": slow_model(tmp_path)})
-    server = start_server(repository, "--frontends", "2", "--max-batch-size", "1", "--request-timeout-s", "0.15")
+    server = start_server(
+        repository, "--frontends", "2", "--grpc-port", "0", "--max-batch-size", "1", "--request-timeout-s", "0.15"
+    )
     wait_ready(server)
     responses = await post_many(f"{server.url}/predict/slow", slow_bodies(24))
     statuses = [r.status_code for r in responses]
@@ -250,7 +262,7 @@ def crashing(tmp_path_factory):
     repository = make_repository(
         folder / "repository", {"digits": model_path(BUNDLED_REPOSITORY, "digits", 1), "slow": slow_model(folder, 256)}
     )
-    server = LiveServer(repository, ["--frontends", "2", "--watch-interval-s", "0"])
+    server = LiveServer(repository, ["--frontends", "2", "--grpc-port", "0", "--watch-interval-s", "0"])
     try:
         server.wait_until_listening()
         wait_ready(server)
@@ -327,3 +339,21 @@ def running(pid: int) -> bool:
         return "zombie" not in Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [(["--grpc-port", "8001"], "--grpc-port 0"), (["--grpc-port", "0", "--drain-delay-s", "5"], "--drain-delay-s")],
+)
+def test_what_front_ends_cannot_keep_yet_is_refused_at_start_with_the_fix(tmp_path, flags, says):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "--frontends", "2", "--repository", str(tmp_path), *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and says in done.stderr + done.stdout, done.stderr

@@ -103,3 +103,11 @@ async def test_a_changed_settings_file_reloads_the_model_while_it_serves(tmp_pat
     assert await registry.refresh() == ["digits v1: replaced (ready)"]
     assert registry.get("digits").batcher.max_batch_size == 32, "without the file the service's setting is back"
     await registry.close()
+
+
+def test_a_clients_own_deadline_can_only_shorten_the_models_timeout():
+    from service.dataplane import Deadline
+
+    assert Deadline(100.0).at(7.5) == 107.5, "the model's timeout from the request's arrival"
+    assert Deadline(100.0, client=101.0).at(60.0) == 101.0, "a longer model timeout does not stretch the client's"
+    assert Deadline(100.0, client=200.0).at(5.0) == 105.0, "nor does a client's longer one stretch the model's"

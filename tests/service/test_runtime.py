@@ -5,13 +5,53 @@ from __future__ import annotations
 import onnxruntime as ort
 import pytest
 
-from service.runtime import CPU, CUDA, Device, DeviceUnavailable, pad_size, padded_sizes, resolve_device, warmup_batch_sizes
+from service.runtime import (
+    CPU,
+    CUDA,
+    Device,
+    DeviceUnavailable,
+    gpu_present,
+    pad_size,
+    padded_sizes,
+    resolve_device,
+    warmup_batch_sizes,
+)
 
 
 def test_auto_falls_back_to_cpu_and_says_why(no_working_cuda):
     device = resolve_device("auto")
     assert device.providers == (CPU,)
     assert "serving on CPU because" in device.reason and "CUDA" in device.reason
+
+
+def test_auto_on_a_machine_without_a_gpu_says_why_at_info_level(no_working_cuda, monkeypatch, caplog):
+    from service.settings import Settings
+    from service.startup import prepare_process
+
+    assert not gpu_present(), "this test pins down a machine without an NVIDIA GPU"
+    device = resolve_device("auto")
+    assert not device.worrying and "no NVIDIA GPU" in device.reason and "CUDA" in device.reason
+    monkeypatch.setattr("service.startup.resolve_device", lambda _: device)
+    with caplog.at_level("INFO", logger="service.startup"):
+        prepare_process(Settings(watch_interval_s=0))
+    said = [r for r in caplog.records if "serving on CPU because" in r.getMessage()]
+    assert [r.levelname for r in said] == ["INFO"]
+
+
+def test_auto_with_a_gpu_that_cuda_cannot_use_warns(no_working_cuda, monkeypatch, caplog, tmp_path):
+    from service.settings import Settings
+    from service.startup import prepare_process
+
+    (tmp_path / "nvidia0").touch()
+    assert gpu_present(tmp_path)
+    monkeypatch.setattr("service.runtime.gpu_present", lambda: True)  # a GPU node, as a broken driver leaves it
+    device = resolve_device("auto")
+    assert device.worrying and "no NVIDIA GPU" not in device.reason
+    monkeypatch.setattr("service.startup.resolve_device", lambda _: device)
+    with caplog.at_level("INFO", logger="service.startup"):
+        prepare_process(Settings(watch_interval_s=0))
+    said = [r for r in caplog.records if "serving on CPU because" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING"]
 
 
 def test_cuda_is_refused_when_a_session_cannot_really_run_on_it(no_working_cuda):

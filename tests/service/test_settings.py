@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -42,7 +45,10 @@ def test_every_setting_is_a_flag_that_reaches_the_settings():
     values = {
         "host": "0.0.0.0",
         "port": "9",
+        "grpc_port": "10",
+        "grpc_max_message_bytes": "2000",
         "repository": "elsewhere",
+        "model_name": "flowers",
         "device": "cpu",
         "precision": "int8",
         "max_batch_size": "7",
@@ -63,7 +69,10 @@ def test_every_setting_is_a_flag_that_reaches_the_settings():
         "api_key": "k",
         "cors_origins": "https://a.example, https://b.example",
         "watch_interval_s": "0",
+        "readiness_policy": "strict",
+        "drain_delay_s": "2.5",
         "shutdown_timeout_s": "5",
+        "access_log": "true",
         "log_level": "debug",
         "log_format": "json",
     }
@@ -82,5 +91,49 @@ def test_environment_variables_set_settings_and_bad_values_are_refused(monkeypat
     assert settings.max_batch_size == 12 and settings.device == "cpu"
     with pytest.raises(ValueError):
         Settings(device="tpu")
-    with pytest.raises(ValueError, match="queue_size"):
+    with pytest.raises(ValueError, match="--queue-size"):
         Settings(queue_size=4, max_files_per_request=8)
+
+
+def _refusal(*argv: str, env: dict[str, str] | None = None) -> str:
+    """What `python -m service` says when it refuses to start with these flags and environment."""
+    result = subprocess.run(
+        [sys.executable, "-m", "service", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+    assert result.returncode != 0, result.stderr
+    return result.stderr
+
+
+def test_settings_that_constrain_each_other_name_both_and_the_fix():
+    message = _refusal("--queue-size", "8")
+    assert "--max-files-per-request (64) must not exceed --queue-size (8)" in message
+    assert "raise --queue-size (KOS_QUEUE_SIZE) to at least 64" in message
+    assert "lower --max-files-per-request (KOS_MAX_FILES_PER_REQUEST) to at most 8" in message
+    assert "Traceback" not in message and "input_value" not in message
+    rows = _readme_settings_rows()
+    assert "At least --max-files-per-request" in rows["queue-size"][2]
+    assert "at most --queue-size" in rows["max-files-per-request"][2]
+
+
+def test_an_empty_api_key_refuses_to_start_and_never_echoes_the_settings():
+    message = _refusal(env={"KOS_API_KEY": ""})
+    assert "--api-key (KOS_API_KEY) is set but empty, which would serve without authentication" in message
+    assert "unset it to serve without one" in message
+    with pytest.raises(ValueError, match="set but empty"):
+        Settings(api_key="   ")
+    # A bad value elsewhere is reported by its flag, without the other values (the key among them).
+    message = _refusal("--port", "99999", env={"KOS_API_KEY": "s3cret"})
+    assert "--port:" in message and "s3cret" not in message
+    assert "Set but empty, the service refuses to start." in _readme_settings_rows()["api-key"][2]
+
+
+def test_an_empty_model_name_is_refused():
+    with pytest.raises(ValueError, match="model-name"):
+        Settings(model_name="")
+    with pytest.raises(ValueError, match="model-name"):
+        Settings(model_name="a/b")
