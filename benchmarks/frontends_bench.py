@@ -70,7 +70,7 @@ def main() -> None:
         for n in targets:
             port = free_port()
             command = [sys.executable, "-m", "service", "--port", str(port), "--repository", str(args.repository)]
-            command += ["--frontends", str(n), "--watch-interval-s", "0", "--log-level", "warning"]
+            command += ["--frontends", str(n), "--grpc-port", "0", "--watch-interval-s", "0", "--log-level", "warning"]
             servers[n] = (start(command, port), f"http://127.0.0.1:{port}/predict/{args.model}")
         for _, url in servers.values():
             run_wrk(url, manifest, args.concurrency, 2, 1)  # warm-up, not counted
