@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"invalid settings:\n{settings_problems(exc)}")
     config = log_config(settings.log_level, settings.log_format)
     logging.config.dictConfig(config)
+    if settings.frontends > 1:
+        from .frontends import supervise
+
+        sys.exit(supervise(settings))
     try:
         app = create_app(settings, prepare_process(settings))
     except DeviceUnavailable as exc:

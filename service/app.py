@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -40,14 +40,20 @@ errors `{"error": ...}`), and the same over gRPC on its own port (`--grpc-port`)
 such as tritonclient work unchanged."""
 
 
-def create_app(settings: Settings, device: Device) -> FastAPI:
+# What builds the app's registry: the Registry itself, or a front end's mirror of the owner's (service/mirror.py).
+RegistryFactory = Callable[[Settings, Device, Metrics, Executor], Registry]
+
+
+def create_app(
+    settings: Settings, device: Device, *, metrics: Metrics | None = None, registry_factory: RegistryFactory = Registry
+) -> FastAPI:
     """The service for `settings` on `device` (from `startup.prepare_process`); models load in the lifespan."""
-    metrics = Metrics()
+    metrics = metrics if metrics is not None else Metrics()
     # Decoding runs here, never on the event loop; Pillow releases the GIL while it works. Its memory
     # is bounded: at most this many images of at most max_image_pixels decode at once. Sized by the
     # CPUs the container may use (its cgroup quota), not the host's cores.
     decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or available_cpus(), thread_name_prefix="decode")
-    registry = Registry(settings, device, metrics, decode_pool)
+    registry = registry_factory(settings, device, metrics, decode_pool)
     lifecycle = Lifecycle(settings, registry)
     dataplane = DataPlane(settings, registry, metrics, decode_pool, readiness=lifecycle.readiness, liveness=lifecycle.liveness)
     metrics.registry.register(ModelStateCollector(lifecycle))

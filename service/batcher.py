@@ -40,6 +40,18 @@ Clock = Callable[[], float]
 Work = np.ndarray | Sequence[Callable[[], np.ndarray]]
 
 
+async def decode_all(pool: Executor | None, decoders: Sequence[Callable[[], np.ndarray]]) -> list[np.ndarray]:
+    """Run every decoder in the decode pool; the first failure cancels the decodes not yet started."""
+    loop = asyncio.get_running_loop()
+    futures = [loop.run_in_executor(pool, decode) for decode in decoders]
+    try:
+        return list(await asyncio.gather(*futures))
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+
+
 class BatcherClosed(RuntimeError):
     """The batcher stopped taking work (shutdown, or its model version was replaced)."""
 
@@ -213,15 +225,7 @@ class Batcher:
             announcement.withdraw()
 
     async def _decode(self, decoders: Sequence[Callable[[], np.ndarray]]) -> list[np.ndarray]:
-        """Run every decoder in the decode pool; the first failure cancels the decodes not yet started."""
-        loop = asyncio.get_running_loop()
-        futures = [loop.run_in_executor(self._decode_pool, decode) for decode in decoders]
-        try:
-            return list(await asyncio.gather(*futures))
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        return await decode_all(self._decode_pool, decoders)
 
     async def submit(self, images: np.ndarray, deadline: float, announcement: Announcement | None = None) -> np.ndarray:
         """Queue every image of one request and return their output rows in order.

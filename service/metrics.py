@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -13,9 +15,14 @@ _BATCH = tuple(float(2**i) for i in range(13))
 
 
 class Metrics:
-    """Every metric the service exports; `render()` gives the Prometheus text format."""
+    """Every metric the service exports; `render()` gives the Prometheus text format.
 
-    def __init__(self) -> None:
+    With `multiprocess_dir` (several processes, each with PROMETHEUS_MULTIPROC_DIR set to it before
+    prometheus_client was imported), `render()` sums the series of every process of the service.
+    """
+
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -32,7 +39,9 @@ class Metrics:
             buckets=_SECONDS,
             registry=r,
         )
-        self.in_progress = Gauge("kos_requests_in_progress", "Prediction requests being handled now.", registry=r)
+        self.in_progress = Gauge(
+            "kos_requests_in_progress", "Prediction requests being handled now.", registry=r, multiprocess_mode="livesum"
+        )
         self.images = Counter("kos_images", "Images classified, by model.", ["model"], registry=r)
         self.batch_size = Histogram("kos_batch_size", "Images per onnxruntime run.", ["model"], buckets=_BATCH, registry=r)
         self.queue_wait = Histogram(
@@ -46,7 +55,11 @@ class Metrics:
             "kos_inference_seconds", "onnxruntime time per batch.", ["model"], buckets=_SECONDS, registry=r
         )
         self.queue_depth = Gauge(
-            "kos_queue_depth", "Images waiting in a model version's queue.", ["model", "version"], registry=r
+            "kos_queue_depth",
+            "Images waiting in a model version's queue.",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.batch_failures = Counter("kos_batch_failures", "Batches whose inference raised.", ["model"], registry=r)
         self.expired = Counter(
@@ -72,4 +85,10 @@ class Metrics:
                     metric.remove(*key)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        every_process = CollectorRegistry()
+        MultiProcessCollector(every_process, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        return generate_latest(every_process)

@@ -85,6 +85,13 @@ class Settings(BaseSettings):
         "Its threads spin, since it runs only while its model is otherwise idle.",
     )
     decode_workers: int = Field(0, ge=0, le=256, description="Threads that decode and resize uploads (0: one per CPU core).")
+    frontends: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes that take HTTP connections, parse requests and decode images, on the same port, around one "
+        "process that owns the models and batches the images of all of them (1: one process does everything). Linux only.",
+    )
     api_key: str | None = Field(
         None,
         description="When set, /predict, /models and /v2/models need it in the X-API-Key header (or Authorization: Bearer), "

@@ -65,6 +65,7 @@ def test_every_setting_is_a_flag_that_reaches_the_settings():
         "inference_workers": "2",
         "lone_request_threads": "4",
         "decode_workers": "3",
+        "frontends": "2",
         "api_key": "k",
         "cors_origins": "https://a.example, https://b.example",
         "watch_interval_s": "0",
