@@ -9,12 +9,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .app import create_app
 from .logs import log_config
-from .runtime import DeviceUnavailable
-from .server import serve
+from .machine import choose_frontends
 from .settings import ENV_PREFIX, Settings
-from .startup import prepare_process
+
+log = logging.getLogger("service")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,10 +52,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"invalid settings:\n{settings_problems(exc)}")
     config = log_config(settings.log_level, settings.log_format)
     logging.config.dictConfig(config)
-    if settings.frontends > 1:
+    frontends, why = choose_frontends(settings.frontends, settings.device)
+    if frontends > 1:
+        # The supervisor serves nothing itself: it imports neither the web stack nor onnxruntime.
         from .frontends import supervise
 
-        sys.exit(supervise(settings))
+        log.info("%d front ends: %s", frontends, why)
+        sys.exit(supervise(settings.model_copy(update={"frontends": frontends})))
+    log.info("one process: %s", why)
+    from .app import create_app
+    from .runtime import DeviceUnavailable
+    from .server import serve
+    from .startup import prepare_process
+
     try:
         app = create_app(settings, prepare_process(settings))
     except DeviceUnavailable as exc:

@@ -24,7 +24,7 @@ from .routes import protected, require_api_key, router
 from .runtime import Device
 from .settings import Settings
 from .v2 import rest as v2_rest
-from .v2.grpc_service import create_grpc_server
+from .v2.grpc_service import create_grpc_server, stop_grpc_server
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,17 @@ RegistryFactory = Callable[[Settings, Device, Metrics, Executor], Registry]
 
 
 def create_app(
-    settings: Settings, device: Device, *, metrics: Metrics | None = None, registry_factory: RegistryFactory = Registry
+    settings: Settings,
+    device: Device,
+    *,
+    metrics: Metrics | None = None,
+    registry_factory: RegistryFactory = Registry,
+    grpc_shared_port: bool = False,
 ) -> FastAPI:
-    """The service for `settings` on `device` (from `startup.prepare_process`); models load in the lifespan."""
+    """The service for `settings` on `device` (from `startup.prepare_process`); models load in the lifespan.
+
+    `grpc_shared_port`: this app is one of several front ends, each serving gRPC on the same port (SO_REUSEPORT).
+    """
     metrics = metrics if metrics is not None else Metrics()
     # Decoding runs here, never on the event loop; Pillow releases the GIL while it works. Its memory
     # is bounded: at most this many images of at most max_image_pixels decode at once. Sized by the
@@ -63,9 +71,9 @@ def create_app(
         # The Open Inference Protocol's gRPC service: this process and event loop, so every protocol
         # feeds the same batchers. It opens before the models load, as the HTTP port does (server.py),
         # so that its liveness and readiness RPCs answer while they load.
-        grpc_server = None
+        grpc_server, grpc_port = None, 0
         if settings.grpc_port:
-            grpc_server, grpc_port = create_grpc_server(dataplane, settings, app.state)
+            grpc_server, grpc_port = create_grpc_server(dataplane, settings, app.state, shared_port=grpc_shared_port)
             await grpc_server.start()
             log.info("Open Inference Protocol over gRPC on %s:%d", settings.host, grpc_port)
         # Models load and warm here; the server has opened its port already (server.py), so probes answer meanwhile.
@@ -76,7 +84,7 @@ def create_app(
             # The server has drained connections and requests in flight; gRPC takes no new calls from here
             # and gives those in flight up to the shutdown timeout; queued images finish in lifecycle.stop().
             if grpc_server is not None:
-                await grpc_server.stop(settings.shutdown_timeout_s)
+                await stop_grpc_server(grpc_server, grpc_port, settings.shutdown_timeout_s)
             await lifecycle.stop()
             decode_pool.shutdown(wait=True)
 

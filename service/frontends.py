@@ -30,7 +30,6 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from types import FrameType
 from typing import Any
 
 from .channel import RunFolder
+from .listening import accept_queue_length, quiesce
 from .settings import Settings
 from .shm import ARENA_BYTES, Board, create_file
 
@@ -54,40 +54,42 @@ BACKLOG_WAIT_S = 2.0
 # A process that exits sooner than this after its start is restarted only after this long, so a
 # process that cannot start does not spin.
 RESTART_BACKOFF_S = 1.0
+# A front end told this answers not-ready from then on (the drain delay), while it goes on serving.
+DRAIN_SIGNAL = signal.SIGUSR1
+EXIT_STARTUP_FAILED = 3
 _PR_SET_PDEATHSIG = 1
-_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def refuse(settings: Settings) -> str | None:
     """Why this machine cannot run `settings.frontends` processes, or None when it can."""
-    n = settings.frontends
     if not sys.platform.startswith("linux"):
-        return f"--frontends {n} needs Linux (shared listening socket, /dev/shm); use --frontends 1"
-    if settings.grpc_port:
-        # Each front end would open its own gRPC server on the port (grpc sets SO_REUSEPORT): not built nor tested yet.
-        return f"--frontends {n} serves HTTP only for now: add --grpc-port 0 (KOS_GRPC_PORT=0), or use --frontends 1 for gRPC"
-    if settings.drain_delay_s:
-        return f"--frontends {n} does not keep --drain-delay-s yet: leave it at 0, or use --frontends 1"
+        return f"--frontends {settings.frontends} needs Linux (shared listening socket, /dev/shm); use --frontends 1"
     return None
 
 
-def accept_queue_length(sock: socket.socket) -> int:
-    """Connections the kernel has accepted on a listening socket that no process has taken yet (Linux)."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    return int(struct.unpack_from("I", info, 24)[0])  # tcpi_unacked: the accept queue, on a listening socket
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def drop_new_handshakes(sock: socket.socket) -> bool:
-    """Make a listening socket drop new handshakes (a one-instruction BPF filter, `ret #0`); its queue is kept."""
-    program = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0))
-    fprog = struct.pack("HP", 1, ctypes.addressof(program))
+def reserve_grpc_port(host: str, port: int) -> socket.socket:
+    """Hold the gRPC port for the front ends, which each bind it with SO_REUSEPORT; OSError when another holds it.
+
+    A plain bind first: it fails while any other socket has the port, SO_REUSEPORT or not, so a second
+    service cannot join the front ends' group. The socket kept is bound with SO_REUSEPORT and never
+    listens (it takes no connection): while the service runs, only sockets of this user with
+    SO_REUSEPORT can bind the port, and grpc's own front-end sockets are those.
+    """
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
+        probe.bind((host, port))
+    held = socket.socket(_family(host), socket.SOCK_STREAM)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
-    except OSError as exc:
-        log.debug("cannot filter new connections: %s", exc)
-        return False
-    return True
+        held.bind((host, port))
+    except OSError:
+        held.close()
+        raise
+    return held
 
 
 class Supervisor:
@@ -104,7 +106,9 @@ class Supervisor:
         }
         self.stopping: int | None = None
         self.listener: socket.socket | None = None
+        self.grpc_hold: socket.socket | None = None
         self.owner: subprocess.Popen[bytes] | None = None
+        self.owner_ready = False
         self.frontends: dict[int, subprocess.Popen[bytes]] = {}
         self._started: dict[int, float] = {}  # pid -> when
         self._roles: dict[int, str] = {}  # pid -> what it is, for the log
@@ -120,27 +124,61 @@ class Supervisor:
         Board.create(self.folder.board)
         for index in range(self.settings.frontends):
             create_file(self.folder.arena(index), ARENA_BYTES)
-        self.owner = self._spawn("owner")
-        code = self._wait_for_owner()
-        if code is not None:
-            return code
-        host, port = self.settings.host, self.settings.port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.create_server((host, port), family=family, backlog=BACKLOG)
+        settings = self.settings
+        host, family = settings.host, _family(settings.host)
+        try:
+            self.listener = socket.create_server((host, settings.port), family=family, backlog=BACKLOG)
+            if settings.grpc_port:
+                self.grpc_hold = reserve_grpc_port(host, settings.grpc_port)
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", host, exc)
+            return 1
         self.listener.set_inheritable(True)
-        port = self.listener.getsockname()[1]
-        log.info(
-            "listening on http://%s:%d: %d front-end processes around one inference process",
-            f"[{host}]" if family == socket.AF_INET6 else host,
-            port,
-            self.settings.frontends,
-        )
-        for index in range(self.settings.frontends):
+        # The ports open at once, as with one process: the front ends answer probes ("loading") and
+        # refuse predictions with 503 until the owner has loaded its models.
+        self.owner = self._spawn("owner")
+        for index in range(settings.frontends):
             self.frontends[index] = self._spawn("frontend", index)
+        log.info(
+            "listening on http://%s:%d%s: %d front-end processes around one inference process",
+            f"[{host}]" if family == socket.AF_INET6 else host,
+            self.listener.getsockname()[1],
+            f" and gRPC on port {settings.grpc_port}" if settings.grpc_port else "",
+            settings.frontends,
+        )
+        deadline = time.monotonic() + OWNER_START_TIMEOUT_S
         while self.stopping is None:
             time.sleep(POLL_INTERVAL_S)
+            if not self.owner_ready:
+                code = self._owner_starting(deadline)
+                if code is not None:
+                    self._stop_all()
+                    return code
+                continue
             self._replace_the_fallen()
+        if self.stopping == signal.SIGTERM and settings.drain_delay_s > 0:
+            self._drain_delay(settings.drain_delay_s)
         return self._drain()
+
+    def _owner_starting(self, deadline: float) -> int | None:
+        """While the owner loads: None, or the exit status when it stopped (or took too long) before it was ready."""
+        assert self.owner is not None
+        if self.folder.socket.exists():
+            self.owner_ready = True
+            return None
+        code = self.owner.poll()
+        if code is not None:
+            log.error("the inference process exited with %d before it was ready", code)
+            return code or 1
+        if time.monotonic() > deadline:
+            log.error("the inference process was not ready within %.0f s", OWNER_START_TIMEOUT_S)
+            return 1
+        return None
+
+    def _stop_all(self) -> None:
+        for process in [*self.frontends.values(), self.owner]:
+            if process is not None:
+                self._stop(process, self.settings.shutdown_timeout_s + 10)
 
     def _spawn(self, role: str, index: int = 0) -> subprocess.Popen[bytes]:
         args = [sys.executable, "-m", "service.frontends", role, "--run-folder", str(self.folder.root), "--index", str(index)]
@@ -157,21 +195,6 @@ class Supervisor:
         self._started[process.pid] = time.monotonic()
         self._roles[process.pid] = "the inference process" if role == "owner" else f"front end {index}"
         return process
-
-    def _wait_for_owner(self) -> int | None:
-        """None once the owner accepts front ends; its exit status if it stopped first."""
-        assert self.owner is not None
-        deadline = time.monotonic() + OWNER_START_TIMEOUT_S
-        while not self.folder.socket.exists():
-            code = self.owner.poll()
-            if code is not None:
-                log.error("the inference process exited with %d before it was ready", code)
-                return code or 1
-            if self.stopping is not None or time.monotonic() > deadline:
-                self._stop(self.owner)
-                return 0 if self.stopping is not None else 1
-            time.sleep(POLL_INTERVAL_S)
-        return None
 
     def _gone(self, process: subprocess.Popen[bytes], what: str) -> None:
         from prometheus_client.multiprocess import mark_process_dead
@@ -210,22 +233,37 @@ class Supervisor:
             log.error("pid %d (%s) exited with %d while stopping", process.pid, self._roles.get(process.pid), code)
         return code == 0
 
+    def _drain_delay(self, delay_s: float) -> None:
+        """Every front end answers not-ready for `delay_s` while it goes on serving, so that balancers stop sending."""
+        log.info("SIGTERM: answering not-ready for %.1f s while serving, then draining", delay_s)
+        for frontend in self.frontends.values():
+            with contextlib.suppress(ProcessLookupError):
+                frontend.send_signal(DRAIN_SIGNAL)
+        until = time.monotonic() + delay_s
+        while time.monotonic() < until:
+            time.sleep(POLL_INTERVAL_S)
+            if self.stopping == signal.SIGINT:
+                return  # Ctrl-C after SIGTERM: the delay is for load balancers, not for a person
+            if self.owner_ready:
+                self._replace_the_fallen()  # the owner, still needed; front ends are not replaced while stopping
+
     def _drain(self) -> int:
         assert self.listener is not None and self.owner is not None
         log.info("%s: draining", signal.Signals(self.stopping or signal.SIGTERM).name)
         # No connection the kernel accepted is lost: new handshakes are dropped (the clients retry and find
         # the port closed), the running front ends take every queued one, and only then are they stopped.
-        if drop_new_handshakes(self.listener):
-            deadline = time.monotonic() + BACKLOG_WAIT_S
-            while accept_queue_length(self.listener) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(FRESH_CONNECTION_GRACE_S)
+        waiting = accept_queue_length(self.listener)
+        left = quiesce([self.listener], BACKLOG_WAIT_S)
+        time.sleep(FRESH_CONNECTION_GRACE_S)
+        log.info("stopped accepting connections (%d were waiting in the backlog, %d left); draining", waiting, left)
         limit = self.settings.shutdown_timeout_s + 10
         for frontend in self.frontends.values():
             with contextlib.suppress(ProcessLookupError):
                 frontend.send_signal(signal.SIGTERM)
         clean = all([self._stop(frontend, limit, signalled=True) for frontend in self.frontends.values()])
         self.listener.close()
+        if self.grpc_hold is not None:
+            self.grpc_hold.close()
         clean = self._stop(self.owner, limit) and clean
         log.info("drained %s", "cleanly" if clean else "with errors (see above)")
         return 0 if clean else 1
@@ -267,18 +305,30 @@ def run_frontend(settings: Settings, folder: RunFolder, index: int, fd: int, log
     allow_images_up_to(settings.max_image_pixels)
     listener = socket.socket(fileno=fd)
     factory = functools.partial(MirrorRegistry, folder=folder, index=index)
-    app = create_app(settings, WAITING, metrics=Metrics(multiprocess_dir=folder.metrics), registry_factory=factory)
+    metrics = Metrics(multiprocess_dir=folder.metrics)
+    app = create_app(settings, WAITING, metrics=metrics, registry_factory=factory, grpc_shared_port=True)
+    lifecycle, registry = app.state.lifecycle, app.state.registry
+
+    class FrontendServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            registry.stop_waiting()  # stopped while the owner still loads: the lifespan's start-up returns
+            lifecycle.begin_drain()
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(
         app,
         log_config=log_config,
         log_level=settings.log_level,
+        access_log=settings.access_log,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
     )
     # uvicorn raises a signal it handled again once it has shut down, under the disposition it found:
     # ignored, so that a clean drain exits 0 for the supervisor.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    uvicorn.Server(config).run(sockets=[listener])
+    # The drain delay: readiness answers not-ready (HTTP and gRPC) while every request is still served.
+    signal.signal(DRAIN_SIGNAL, lambda sig, frame: lifecycle.begin_drain())
+    FrontendServer(config).run(sockets=[listener])
     return 0
 
 

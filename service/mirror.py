@@ -18,6 +18,7 @@ import itertools
 import logging
 import math
 import socket
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 0.5
 RECONNECT_INTERVAL_S = 0.1
+OWNER_WAIT_INTERVAL_S = 0.05
 WAITING = Device((CPU,), "waiting for the inference process to answer")
 _AWAY = "the inference process is not running (it is being restarted); retry after 1 s"
 
@@ -298,10 +300,18 @@ class MirrorRegistry(Registry):
         self.board = Board(folder.board)
         self.link = OwnerLink(folder, index, self._apply)
         self._task: asyncio.Task[None] | None = None
+        self._stop_waiting = threading.Event()
 
     def load_all(self) -> None:
-        if not self.link.connect_blocking(timeout_s=5.0):
-            log.warning("the inference process does not answer yet; answering 503 until it does")
+        """Wait (off the event loop) until the owner has loaded its models and answers; probes say "loading" meanwhile."""
+        while not self._stop_waiting.is_set():
+            if self.link.connect_blocking(timeout_s=5.0):
+                return
+            self._stop_waiting.wait(OWNER_WAIT_INTERVAL_S)
+
+    def stop_waiting(self) -> None:
+        """The front end is stopping: stop waiting for the owner (safe from a signal handler)."""
+        self._stop_waiting.set()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.link.run(), name="owner-link")
@@ -333,7 +343,8 @@ class MirrorRegistry(Registry):
         return super().get(name, version)
 
     def _require_owner(self) -> None:
-        if not self.link.up:
+        # Before the owner first answered, the service is loading its models: the Registry says so (503).
+        if not self.link.up and not self.loading:
             raise OwnerUnavailable(_AWAY)
 
     def _apply(self, snapshot: Message) -> None:

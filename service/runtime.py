@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from kos_core.cpus import quota_limited_cpus
 
+from .machine import gpu_present
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,6 @@ def cuda_problem() -> str | None:
     finally:
         ort.set_default_logger_severity(previous)
     return None
-
-
-def gpu_present(dev: Path = Path("/dev")) -> bool:
-    """Whether this machine (or container) shows an NVIDIA GPU device node."""
-    return any(dev.glob("nvidia[0-9]*")) or (dev / "dxg").exists()
 
 
 def resolve_device(device: str) -> Device:

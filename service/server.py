@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -28,6 +26,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from .lifecycle import Lifecycle
+from .listening import refuse_new_handshakes
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,25 +36,6 @@ EXIT_DRAIN_CUT_SHORT = 1
 EXIT_STARTUP_FAILED = 3  # uvicorn's own code for a failed lifespan start-up
 # How long a connection just taken from the backlog may take to send its request before it is closed.
 FRESH_CONNECTION_GRACE_S = 1.0
-SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
-
-
-def refuse_new_handshakes(sock: socket.socket) -> bool:
-    """Make a listening socket drop every new handshake from now on (Linux); the accept backlog is kept.
-
-    A client whose SYN is dropped sends it again about a second later, finds the port closed and
-    gets a clean "connection refused", instead of a handshake completed just before the socket
-    closes and then reset.
-    """
-    # One classic BPF instruction, `ret #0`: keep zero bytes of every packet, that is, drop it.
-    program = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0))
-    fprog = struct.pack("HP", 1, ctypes.addressof(program))
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
-    except OSError as exc:
-        log.debug("cannot filter new connections on %s: %s", sock, exc)
-        return False
-    return True
 
 
 def _is_fresh(connection: Any) -> bool:

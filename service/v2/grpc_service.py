@@ -23,6 +23,7 @@ from google.protobuf import json_format
 
 from ..dataplane import DataPlane, Deadline
 from ..errors import ServiceError, ServiceUnavailable, Unauthorized
+from ..listening import listeners_on, quiesce
 from ..settings import Settings
 from .codec import (
     InferRequest,
@@ -46,6 +47,8 @@ from .metadata import model_config, model_metadata, server_metadata
 log = logging.getLogger(__name__)
 
 PROTOCOL = "v2-grpc"
+# At shutdown, how long gRPC connections already accepted by the kernel may wait to be taken by grpc.
+BACKLOG_WAIT_S = 2.0
 # Typed contents: which field of InferTensorContents carries each datatype.
 _CONTENTS = {
     "BOOL": "bool_contents",
@@ -266,14 +269,23 @@ def grpc_max_message_bytes(settings: Settings) -> int:
     return settings.grpc_max_message_bytes or settings.max_upload_bytes
 
 
-def create_grpc_server(dataplane: DataPlane, settings: Settings, state: Any) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server bound to settings.host:grpc_port (call from the running loop); the port it got."""
+def create_grpc_server(
+    dataplane: DataPlane, settings: Settings, state: Any, *, shared_port: bool = False
+) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server bound to settings.host:grpc_port (call from the running loop); the port it got.
+
+    `shared_port`: this process is one of several front ends that serve gRPC on the same port. grpcio
+    listens and accepts on sockets of its own (it cannot take an inherited listening socket as
+    uvicorn does), so each front end binds the port with SO_REUSEPORT and the kernel spreads new
+    connections over them; the supervisor has made sure no other service holds the port.
+    """
     limit = grpc_max_message_bytes(settings)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),  # a second service on the same port must fail to start, not share it
+            # One process alone: a second service on the same port must fail to start, not share it.
+            ("grpc.so_reuseport", 1 if shared_port else 0),
         ]
     )
     server.add_generic_rpc_handlers((_handlers(InferenceServicer(dataplane, settings.api_key, state)),))
@@ -282,3 +294,17 @@ def create_grpc_server(dataplane: DataPlane, settings: Settings, state: Any) -> 
     if port == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{settings.grpc_port}")
     return server, port
+
+
+async def stop_grpc_server(server: grpc.aio.Server, port: int, grace_s: float) -> None:
+    """Stop without resetting a connection the kernel accepted: refuse new handshakes, let grpc take its accept queue,
+    then stop, giving the calls in flight up to `grace_s`."""
+    sockets = listeners_on(port)
+    try:
+        left = await asyncio.to_thread(quiesce, sockets, BACKLOG_WAIT_S)
+        if left:
+            log.warning("%d gRPC connections were still waiting to be accepted when gRPC stopped", left)
+    finally:
+        for sock in sockets:
+            sock.close()
+    await server.stop(grace_s)
