@@ -66,6 +66,7 @@ class _Item:
     future: asyncio.Future[np.ndarray]
     deadline: float
     enqueued: float
+    protocol: str = ""
     started: bool = False
     settled: bool = False  # no longer counted as waiting: started, or its request is answered or gone
 
@@ -202,8 +203,10 @@ class Batcher:
 
     # -- the entry point ---------------------------------------------------------------------------
 
-    async def infer(self, work: Work, deadline: float) -> np.ndarray:
+    async def infer(self, work: Work, deadline: float, protocol: str = "") -> np.ndarray:
         """Rows for every image of one request, in order; the batcher chooses the lone path or a batch.
+
+        `protocol` (multipart, v2-rest, v2-grpc) is what the request came by, for the batch metric.
 
         Raises QueueFull (503), DeadlineExceeded (504), InferenceFailed (500), BatcherClosed
         (the version is being replaced: ask the registry again), and whatever a decoder raises.
@@ -214,20 +217,22 @@ class Batcher:
             raise DeadlineExceeded(self._deadline_detail())
         if count == 1 and self.idle():
             prepare = (lambda: work) if isinstance(work, np.ndarray) else (lambda: work[0]()[None])
-            return await self._run_alone(prepare, deadline)
+            return await self._run_alone(prepare, deadline, protocol)
         if isinstance(work, np.ndarray):
-            return await self.submit(work, deadline)
+            return await self.submit(work, deadline, protocol=protocol)
         announcement = self.announce(count)
         try:
             images = await self._decode(work)
-            return await self.submit(np.stack(images), deadline, announcement)
+            return await self.submit(np.stack(images), deadline, announcement, protocol)
         finally:
             announcement.withdraw()
 
     async def _decode(self, decoders: Sequence[Callable[[], np.ndarray]]) -> list[np.ndarray]:
         return await decode_all(self._decode_pool, decoders)
 
-    async def submit(self, images: np.ndarray, deadline: float, announcement: Announcement | None = None) -> np.ndarray:
+    async def submit(
+        self, images: np.ndarray, deadline: float, announcement: Announcement | None = None, protocol: str = ""
+    ) -> np.ndarray:
         """Queue every image of one request and return their output rows in order.
 
         `deadline` is on the batcher's clock. Raises QueueFull (503) at once when the images do not
@@ -243,7 +248,7 @@ class Batcher:
                 raise self._queue_full()
             loop = asyncio.get_running_loop()
             now = self._clock()
-            items = [_Item(images[i], loop.create_future(), deadline, now) for i in range(count)]
+            items = [_Item(images[i], loop.create_future(), deadline, now, protocol) for i in range(count)]
             for item in items:
                 item.future.add_done_callback(self._settle_callback(item))
                 self._queue.put_nowait(item)
@@ -254,7 +259,11 @@ class Batcher:
         self._update_depth()
         try:
             return await self._wait(items, deadline)
-        except BaseException:
+        except BaseException as exc:
+            unstarted = [item for item in items if not item.started and not item.future.done()]
+            if isinstance(exc, DeadlineExceeded):
+                # Images of the request still queued (in later batches than the one that found it expired) never run either.
+                self._count_expired(len(unstarted))
             for item in items:
                 if not item.started:
                     item.future.cancel()  # the batcher skips it: nothing runs for a request that is gone
@@ -313,7 +322,7 @@ class Batcher:
 
     # -- the lone path ---------------------------------------------------------------------------
 
-    async def _run_alone(self, prepare: Callable[[], np.ndarray], deadline: float) -> np.ndarray:
+    async def _run_alone(self, prepare: Callable[[], np.ndarray], deadline: float, protocol: str = "") -> np.ndarray:
         """Prepare (decode) and run one request's images in a single trip to an inference thread.
 
         The low-load path: when the batcher is idle there is nothing to batch with, and one thread
@@ -345,7 +354,7 @@ class Batcher:
             raise self._inference_failed() from None
         finally:
             self._alone -= 1
-        self._record(len(images), elapsed)
+        self._record(len(images), elapsed, {protocol})
         if self._metrics:
             self._metrics.queue_wait.labels(self.name).observe(0.0)
         return rows[: len(images)]
@@ -508,14 +517,15 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(self._inference_failed())
             return
-        self._record(size, time.perf_counter() - started)
+        self._record(size, time.perf_counter() - started, {item.protocol for item in live})
         for item, row in zip(live, rows):
             if not item.future.done():
                 item.future.set_result(row)
 
-    def _record(self, size: int, elapsed: float) -> None:
+    def _record(self, size: int, elapsed: float, protocols: set[str]) -> None:
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / size
         if self._metrics:
+            self._metrics.batches.labels(self.name, "+".join(sorted(p for p in protocols if p)) or "none").inc()
             self._metrics.batch_size.labels(self.name).observe(size)
             self._metrics.inference.labels(self.name).observe(elapsed)
             self._metrics.images.labels(self.name).inc(size)

@@ -168,7 +168,7 @@ class DataPlane:
             spec = served.metadata.input_spec  # type: ignore[union-attr]
             decoders = [functools.partial(decode, image, spec, max_pixels) for image in files]
             try:
-                rows = await served.batcher.infer(decoders, self._deadline(served, deadline))  # type: ignore[union-attr]
+                rows = await served.batcher.infer(decoders, self._deadline(served, deadline), protocol)  # type: ignore[union-attr]
             except BatcherClosed:
                 continue
             return self._answer(served, rows, [image.filename for image in files])
@@ -190,7 +190,7 @@ class DataPlane:
             if len(images) == 0:
                 raise BadRequest("no images: the batch dimension is 0")
             try:
-                rows = await served.batcher.infer(images, self._deadline(served, deadline))  # type: ignore[union-attr]
+                rows = await served.batcher.infer(images, self._deadline(served, deadline), protocol)  # type: ignore[union-attr]
             except BatcherClosed:
                 continue
             return self._answer(served, rows, [f"image {i}" for i in range(len(images))])

@@ -25,7 +25,6 @@ import ctypes
 import functools
 import logging
 import logging.config
-import math
 import os
 import shutil
 import signal
@@ -301,6 +300,7 @@ def run_frontend(settings: Settings, folder: RunFolder, index: int, fd: int, log
     from .app import create_app
     from .metrics import Metrics
     from .mirror import WAITING, MirrorRegistry
+    from .server import DrainingServer
 
     allow_images_up_to(settings.max_image_pixels)
     listener = socket.socket(fileno=fd)
@@ -309,10 +309,11 @@ def run_frontend(settings: Settings, folder: RunFolder, index: int, fd: int, log
     app = create_app(settings, WAITING, metrics=metrics, registry_factory=factory, grpc_shared_port=True)
     lifecycle, registry = app.state.lifecycle, app.state.registry
 
-    class FrontendServer(uvicorn.Server):
+    class FrontendServer(DrainingServer):
+        """The single process's server and drain (server.py); the supervisor keeps the drain delay and the backlog."""
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             registry.stop_waiting()  # stopped while the owner still loads: the lifespan's start-up returns
-            lifecycle.begin_drain()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
@@ -320,15 +321,13 @@ def run_frontend(settings: Settings, folder: RunFolder, index: int, fd: int, log
         log_config=log_config,
         log_level=settings.log_level,
         access_log=settings.access_log,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
+        timeout_graceful_shutdown=None,
     )
-    # uvicorn raises a signal it handled again once it has shut down, under the disposition it found:
-    # ignored, so that a clean drain exits 0 for the supervisor.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
     # The drain delay: readiness answers not-ready (HTTP and gRPC) while every request is still served.
     signal.signal(DRAIN_SIGNAL, lambda sig, frame: lifecycle.begin_drain())
-    FrontendServer(config).run(sockets=[listener])
+    server = FrontendServer(config, lifecycle, 0.0, settings.shutdown_timeout_s)
+    server.run(sockets=[listener])
+    return server.exit_code
     return 0
 
 

@@ -61,6 +61,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.batches = Counter(
+            "kos_batches",
+            "Batches run (a request run alone included), by model and the protocols whose images they held, in name "
+            "order joined by '+': protocols=\"multipart+v2-grpc\" counts batches that gathered images of both.",
+            ["model", "protocols"],
+            registry=r,
+        )
         self.batch_failures = Counter("kos_batch_failures", "Batches whose inference raised.", ["model"], registry=r)
         self.expired = Counter(
             "kos_deadline_expired_images", "Images dropped unrun because their deadline passed.", ["model"], registry=r

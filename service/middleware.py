@@ -145,11 +145,27 @@ class PredictionGate:
                 status = message["status"]
             await send(message)
 
+        current = asyncio.current_task()
+        watcher: asyncio.Task[None] | None = None
+        hung_up = False  # the watcher cancelled the request because its client went away
+
+        async def watch() -> None:
+            # Once the body is read the app never asks for another message: this asks, and the server
+            # answers only when the response is complete or the client has gone.
+            nonlocal gone, hung_up
+            message = await receive()
+            if message["type"] == "http.disconnect" and not status and current is not None:
+                gone = hung_up = True
+                current.cancel(msg="the client went away")
+
         async def watching_receive() -> Message:
-            nonlocal gone
+            nonlocal gone, watcher
             message = await receive()
             if message["type"] == "http.disconnect" and not status:
                 gone = True
+            elif message["type"] == "http.request" and not message.get("more_body", False) and watcher is None:
+                # A client that hangs up while its request waits for the model: its images leave the queue unrun.
+                watcher = asyncio.get_running_loop().create_task(watch())
             return message
 
         self.metrics.in_progress.inc()
@@ -160,10 +176,16 @@ class PredictionGate:
                 await _discard_body(receive)
             else:
                 await self.app(scope, watching_receive, recording_send)
-        except (ClientDisconnect, asyncio.CancelledError):
+        except asyncio.CancelledError:
+            gone = gone or not status
+            if not (hung_up and current is not None and current.uncancel() == 0):
+                raise  # cancelled by someone else (the server stopping): not ours to swallow
+        except ClientDisconnect:
             gone = gone or not status
             raise
         finally:
+            if watcher is not None:
+                watcher.cancel()
             self.metrics.in_progress.dec()
             self.metrics.observe_request(label, 499 if gone else status or 500, protocol, time.perf_counter() - started)
 

@@ -224,7 +224,7 @@ class RemoteBatcher:
                 retry_after=retry_after,
             )
 
-    async def infer(self, work: Work, deadline: float) -> np.ndarray:
+    async def infer(self, work: Work, deadline: float, protocol: str = "") -> np.ndarray:
         """Rows for every image of one request, in order, run by the owner; raises what the owner's batcher raises."""
         count = len(work)
         if self._clock() > deadline:
@@ -260,6 +260,7 @@ class RemoteBatcher:
                     "offset": offset,
                     "capacity": need,
                     "deadline": deadline,
+                    "protocol": protocol,
                 }
             )
         except BaseException:

@@ -215,7 +215,7 @@ class Owner:
             if list(shape) != list(message["shape"]):
                 raise InferenceFailed(f"model {name!r} version {version} was replaced by one of another input size; retry")
             try:
-                rows = await served.batcher.infer(arena.view(offset, np.uint8, shape), deadline)
+                rows = await served.batcher.infer(arena.view(offset, np.uint8, shape), deadline, str(message.get("protocol", "")))
             except BatcherClosed:
                 continue  # replaced while the request waited: the new file's batcher takes it
             rows = np.ascontiguousarray(rows, dtype=np.float32)

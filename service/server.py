@@ -97,12 +97,15 @@ class DrainingServer(uvicorn.Server):
             delay = self.drain_delay_s if sig == signal.SIGTERM else 0.0
             if not self._announced:
                 self._announced = True
-                log.info(
-                    "%s: answering not-ready for %.1f s while serving, then draining (at most %.1f s)",
-                    signal.Signals(sig).name,
-                    delay,
-                    self.shutdown_timeout_s,
-                )
+                if delay > 0:
+                    log.info(
+                        "%s: answering not-ready for %.1f s while serving, then draining (at most %.1f s)",
+                        signal.Signals(sig).name,
+                        delay,
+                        self.shutdown_timeout_s,
+                    )
+                else:
+                    log.info("%s: draining (at most %.1f s)", signal.Signals(sig).name, self.shutdown_timeout_s)
             if time.monotonic() - at >= delay:
                 self.should_exit = True
         return await super().on_tick(counter)
