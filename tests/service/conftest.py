@@ -152,3 +152,46 @@ def no_working_cuda() -> None:
 
     if cuda_problem() is None:
         pytest.skip("CUDA works on this machine; the test is about a machine where it does not")
+
+
+# The two shapes of the service a test that starts real processes runs against: one process, and
+# two front-end processes around one owner of the models (--frontends 2).
+SHAPES = pytest.mark.parametrize("frontends", [1, 2], ids=["one-process", "front-ends"])
+
+
+def shape(frontends: int) -> list[str]:
+    """The flags that start the service in that shape."""
+    return ["--frontends", str(frontends)]
+
+
+def children(server) -> dict[str, list[int]]:
+    """A --frontends N service's processes below its supervisor, by role, from /proc."""
+    pid = server.process.pid
+    found: dict[str, list[int]] = {"owner": [], "frontend": []}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if b"service.frontends" in argv:
+            found[argv[argv.index(b"service.frontends") + 1].decode()].append(int(child))
+    return found
+
+
+def acceptors(server, frontends: int) -> list[int]:
+    """The processes that accept the service's connections: the process itself, or its front ends."""
+    return [server.process.pid] if frontends == 1 else children(server)["frontend"]
+
+
+def wait_for_processes(server, frontends: int, timeout: float = 60) -> None:
+    """Wait until every front end of a --frontends N service runs and has its start-up done (connected to the owner)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while frontends > 1:
+        log = server.log()
+        started, up = log.count("Waiting for application startup."), log.count("Application startup complete.")
+        if len(children(server)["frontend"]) >= frontends and up >= max(started, frontends):
+            return
+        assert time.monotonic() < deadline, f"the front ends did not start:\n{log}"
+        time.sleep(0.05)

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -14,61 +15,16 @@ import httpx
 import numpy as np
 import pytest
 
-from kos_core.artifact import ModelMetadata
 from kos_core.layout import model_path
-from tests.conftest import BUNDLED_REPOSITORY, ROOT, LiveServer
-from tests.service.conftest import make_repository, metric_value, png_bytes, post_many
+from tests.conftest import BUNDLED_REPOSITORY, ROOT, LiveServer, load_benchmark, onnx_predict
+from tests.service.conftest import children, make_repository, metric_value, png_bytes, wait_for_processes
 
 EXAMPLES = sorted((ROOT / "examples" / "digits").glob("*.png"))
 
 
 def slow_model(folder: Path, size: int = 128) -> Path:
-    """A real ONNX file without a training stack: size x size RGB, six 32-channel convolutions, tens of ms per image."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    nodes = [
-        helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
-        helper.make_node("Transpose", ["x"], ["c0"], perm=[0, 3, 1, 2]),
-    ]
-    weights, channels = [], 3
-    for i in range(6):
-        weights.append(numpy_helper.from_array(rng.normal(0, 0.05, (32, channels, 3, 3)).astype(np.float32), f"w{i}"))
-        nodes.append(helper.make_node("Conv", [f"c{i}", f"w{i}"], [f"v{i}"], pads=[1, 1, 1, 1]))
-        nodes.append(helper.make_node("Relu", [f"v{i}"], [f"c{i + 1}"]))
-        channels = 32
-    weights.append(numpy_helper.from_array(rng.normal(0, 0.1, (32, 2)).astype(np.float32), "dense"))
-    nodes += [
-        helper.make_node("GlobalAveragePool", ["c6"], ["pooled"]),
-        helper.make_node("Flatten", ["pooled"], ["flat"]),
-        helper.make_node("MatMul", ["flat", "dense"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "slow",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", size, size, 3])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
-        initializer=weights,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    metadata = ModelMetadata(
-        name="slow",
-        labels=["yes", "no"],
-        height=size,
-        width=size,
-        channels=3,
-        color_mode="rgb",
-        architecture="slow",
-        dataset="none",
-    )
-    for key, value in metadata.to_metadata_props().items():
-        model.metadata_props.add(key=key, value=value)
-    path = folder / f"slow{size}.onnx"
-    onnx.save(model, path)
-    return path
+    """A real ONNX file without a training stack, tens of ms per image (benchmarks/overload_bench.py makes it)."""
+    return load_benchmark("overload_bench").slow_model(folder, size)
 
 
 def slow_bodies(count: int, size: int = 128) -> list[list[tuple]]:
@@ -79,20 +35,6 @@ def slow_bodies(count: int, size: int = 128) -> list[list[tuple]]:
     ]
 
 
-def children(server: LiveServer) -> dict[str, list[int]]:
-    """The supervisor's children by role, from /proc."""
-    pid = server.process.pid
-    found: dict[str, list[int]] = {"owner": [], "frontend": []}
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        try:
-            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        except FileNotFoundError:
-            continue
-        if b"service.frontends" in argv:
-            found[argv[argv.index(b"service.frontends") + 1].decode()].append(int(child))
-    return found
-
-
 def run_folder(server: LiveServer) -> Path:
     """The folder the supervisor made for its processes, as its children were told."""
     argv = Path(f"/proc/{children(server)['owner'][0]}/cmdline").read_bytes().split(b"\0")
@@ -100,15 +42,9 @@ def run_folder(server: LiveServer) -> Path:
 
 
 def wait_ready(server: LiveServer, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(server.url + "/health", timeout=2).status_code == 200 and len(children(server)["frontend"]) >= 2:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"not ready within {timeout}s:\n{server.log()}")
+    """Ready, every front end included (a replaced one too)."""
+    wait_for_processes(server, 2, timeout)
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
 
 
 def upload(paths: list[Path]) -> list[tuple]:
@@ -117,10 +53,10 @@ def upload(paths: list[Path]) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    """The same repository served by one process and by two front ends around an owner."""
+    """The same repository served by one process and by two front ends around an owner, HTTP and gRPC."""
     repository = make_repository(tmp_path_factory.mktemp("repository"), {"digits": model_path(BUNDLED_REPOSITORY, "digits", 1)})
-    single = LiveServer(repository, ["--watch-interval-s", "0.3"])
-    multi = LiveServer(repository, ["--frontends", "2", "--grpc-port", "0", "--watch-interval-s", "0.3"])
+    single = LiveServer(repository, ["--frontends", "1", "--watch-interval-s", "0.3"])
+    multi = LiveServer(repository, ["--frontends", "2", "--watch-interval-s", "0.3"])
     try:
         single.wait_until_listening()
         multi.wait_until_listening()
@@ -210,49 +146,109 @@ def test_metrics_show_one_total_over_every_process(shapes):
     assert set(pids["owner"]) <= written and len(written & set(pids["frontend"])) >= 1
 
 
-async def test_a_full_queue_answers_503_with_retry_after_from_every_front_end(tmp_path, start_server):
-    repository = make_repository(tmp_path / "repository", {"slow": slow_model(tmp_path)})
-    server = start_server(
-        repository,
-        "--frontends",
-        "2",
-        "--grpc-port",
-        "0",
-        "--max-batch-size",
-        "1",
-        "--queue-size",
-        "2",
-        "--max-files-per-request",
-        "2",
-    )
-    wait_ready(server)
-    responses = await post_many(f"{server.url}/predict/slow", slow_bodies(24))
-    refused = [r for r in responses if r.status_code == 503]
-    served = [r for r in responses if r.status_code == 200]
-    assert len(refused) >= 8 and len(served) >= 2 and len(refused) + len(served) == 24, [r.status_code for r in responses]
-    for r in refused:
-        assert int(r.headers["Retry-After"]) >= 1 and "queue" in r.json()["detail"]
-    text = httpx.get(f"{server.url}/metrics").text
-    assert metric_value(text, "kos_requests_total", model="slow", status="503") == len(refused)
-    assert metric_value(text, "kos_images_total", model="slow") == len(served), "a refused request ran"
+def _uint8(images: np.ndarray):
+    import tritonclient.grpc as grpcclient
+
+    tensor = grpcclient.InferInput("image", list(images.shape), "UINT8")
+    tensor.set_data_from_numpy(images)
+    return tensor
 
 
-async def test_a_deadline_passing_answers_504_and_its_images_never_run(tmp_path, start_server):
-    repository = make_repository(tmp_path / "repository", {"slow": slow_model(tmp_path)})
-    server = start_server(
-        repository, "--frontends", "2", "--grpc-port", "0", "--max-batch-size", "1", "--request-timeout-s", "0.15"
-    )
-    wait_ready(server)
-    responses = await post_many(f"{server.url}/predict/slow", slow_bodies(24))
-    statuses = [r.status_code for r in responses]
-    assert set(statuses) <= {200, 504} and statuses.count(504) >= 4, statuses
-    assert all("deadline" in r.json()["detail"] for r in responses if r.status_code == 504)
-    text = httpx.get(f"{server.url}/metrics").text
-    assert metric_value(text, "kos_images_total", model="slow") == statuses.count(200), "an expired image was run"
-    assert metric_value(text, "kos_deadline_expired_images_total", model="slow") == statuses.count(504)
-    # Answered requests hold no queue places: the queue is empty and a lone request is not refused.
-    assert metric_value(text, "kos_queue_depth", model="slow") == 0
-    assert httpx.post(f"{server.url}/predict/slow", files=slow_bodies(1)[0]).status_code != 503
+def test_grpc_is_served_by_every_front_end_and_answers_as_one_process_answers(shapes):
+    import tritonclient.grpc as grpcclient
+
+    from tests.service.v2_helpers import decoded, example_digits
+
+    single, multi, _ = shapes
+    images = np.stack([decoded(png) for _, _, png in example_digits()])
+    reference = grpcclient.InferenceServerClient(url=single.grpc_target)
+    expected = reference.infer("digits", [_uint8(images)]).as_numpy("probabilities")
+    reference.close()
+    rng = np.random.default_rng(0)
+    # A channel per client: the kernel spreads new connections over the front ends' gRPC sockets.
+    for _ in range(12):
+        client = grpcclient.InferenceServerClient(url=multi.grpc_target)
+        try:
+            assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("digits")
+            rows = rng.choice(len(images), size=int(rng.integers(1, 6)))
+            got = client.infer("digits", [_uint8(images[rows])]).as_numpy("probabilities")
+            np.testing.assert_allclose(got, expected[rows], atol=1e-5)
+        finally:
+            client.close()
+    assert list(expected.argmax(axis=1)) == list(range(10))
+    listening = [line for line in _ss(multi.grpc_port) if "LISTEN" in line]
+    assert len(listening) == 2, f"one gRPC socket per front end: {listening}"
+
+
+def _ss(port: int) -> list[str]:
+    import subprocess
+
+    return subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout.splitlines()
+
+
+@pytest.mark.parametrize("frontends", [1, 2], ids=["one-process", "front-ends"])
+async def test_grpc_and_http_requests_share_batches(tmp_path, start_server, frontends):
+    import tritonclient.grpc.aio as grpcaio
+
+    repository = make_repository(tmp_path / "repository", {"slow": slow_model(tmp_path, 128)})
+    server = start_server(repository, "--frontends", str(frontends), "--max-batch-size", "4", "--watch-interval-s", "0")
+    if frontends > 1:
+        wait_ready(server)
+    rng = np.random.default_rng(2)
+    pictures = rng.integers(0, 256, (32, 128, 128, 3), dtype=np.uint8)
+    client = grpcaio.InferenceServerClient(url=server.grpc_target)
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=0)
+    try:
+        async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+
+            async def by_grpc(i: int) -> np.ndarray:
+                tensor = grpcaio.InferInput("image", [1, 128, 128, 3], "UINT8")
+                tensor.set_data_from_numpy(pictures[i : i + 1])
+                return (await client.infer("slow", [tensor])).as_numpy("probabilities")[0]
+
+            async def by_http(i: int) -> np.ndarray:
+                files = [("files", (f"{i}.png", png_bytes(pictures[i]), "image/png"))]
+                r = await http.post(f"{server.url}/predict/slow?top_k=2", files=files)
+                assert r.status_code == 200, r.text
+                out = np.zeros(2, np.float32)
+                for score in r.json()["predictions"][0]["top_k"]:
+                    out[score["index"]] = score["probability"]
+                return out
+
+            for _ in range(3):  # rounds, until a batch held both (the first is usually enough)
+                calls = [by_grpc(i) if i % 2 else by_http(i) for i in range(32)]
+                answers = await asyncio.gather(*calls)
+                text = httpx.get(f"{server.url}/metrics").text
+                if metric_value(text, "kos_batches_total", model="slow", protocols="multipart+v2-grpc") > 0:
+                    break
+    finally:
+        await client.close()
+    expected = onnx_predict(repository / "slow" / "1" / "model.onnx", pictures)
+    np.testing.assert_allclose(np.stack(answers), expected, atol=1e-5)
+    batches = {p: metric_value(text, "kos_batches_total", model="slow", protocols=p) for p in ("multipart", "v2-grpc")}
+    mixed = metric_value(text, "kos_batches_total", model="slow", protocols="multipart+v2-grpc")
+    print(f"batches by the protocols they held: {batches}, both: {mixed}")
+    assert mixed >= 1, text
+    assert metric_value(text, "kos_requests_total", model="slow", protocol="v2-grpc", status="200") >= 16
+
+
+def test_a_grpc_port_held_by_another_service_fails_start_up(tmp_path):
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "--frontends", "2", "--grpc-port", str(port), "--port", "0"]
+            + ["--repository", str(tmp_path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode != 0 and "address already in use" in done.stderr.lower(), done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +258,7 @@ def crashing(tmp_path_factory):
     repository = make_repository(
         folder / "repository", {"digits": model_path(BUNDLED_REPOSITORY, "digits", 1), "slow": slow_model(folder, 256)}
     )
-    server = LiveServer(repository, ["--frontends", "2", "--grpc-port", "0", "--watch-interval-s", "0"])
+    server = LiveServer(repository, ["--frontends", "2", "--watch-interval-s", "0"])
     try:
         server.wait_until_listening()
         wait_ready(server)
@@ -342,18 +338,68 @@ def running(pid: int) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("flags", "says"),
-    [(["--grpc-port", "8001"], "--grpc-port 0"), (["--grpc-port", "0", "--drain-delay-s", "5"], "--drain-delay-s")],
+    ("cpus", "cuda", "linux", "expected"),
+    [
+        (1, False, True, 1),
+        (1, True, True, 1),
+        (2, False, True, 2),
+        (3, False, True, 2),
+        (4, False, True, 2),
+        (8, False, True, 4),
+        (64, False, True, 8),
+        (2, True, True, 2),
+        (4, True, True, 3),
+        (16, True, True, 8),
+        (8, False, False, 1),
+    ],
 )
-def test_what_front_ends_cannot_keep_yet_is_refused_at_start_with_the_fix(tmp_path, flags, says):
+def test_the_automatic_count_of_front_ends(cpus, cuda, linux, expected):
+    from service.machine import automatic_frontends
+
+    count, why = automatic_frontends(cpus, cuda, linux)
+    assert count == expected and why
+
+
+def test_frontends_n_forces_n_and_0_is_automatic_from_the_cpus_the_process_may_use(monkeypatch):
+    import service.machine
+
+    assert service.machine.choose_frontends(3, "cpu")[0] == 3
+    monkeypatch.setattr(service.machine, "available_cpus", lambda: 1)
+    assert service.machine.choose_frontends(0, "cuda")[0] == 1
+    monkeypatch.setattr(service.machine, "available_cpus", lambda: 16)
+    monkeypatch.setattr(service.machine, "gpu_present", lambda: True)
+    assert service.machine.choose_frontends(0, "auto")[0] == 8
+    assert service.machine.choose_frontends(0, "cpu")[0] == 8
+    monkeypatch.setattr(service.machine, "gpu_present", lambda: False)
+    assert service.machine.choose_frontends(0, "auto")[0] == 8 and service.machine.choose_frontends(0, "auto")[1]
+
+
+def test_on_one_cpu_the_default_is_one_process():
     import subprocess
     import sys
 
-    done = subprocess.run(
-        [sys.executable, "-m", "service", "--frontends", "2", "--repository", str(tmp_path), *flags],
+    from tests.conftest import free_port
+
+    # One CPU in the process's affinity, as in a container with a quota of 1 CPU.
+    port = free_port()
+    process = subprocess.Popen(
+        ["taskset", "-c", "0", sys.executable, "-m", "service", "--port", str(port), "--grpc-port", "0"]
+        + ["--repository", str(BUNDLED_REPOSITORY), "--watch-interval-s", "0"],
         cwd=ROOT,
-        capture_output=True,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
     )
-    assert done.returncode == 2 and says in done.stderr + done.stdout, done.stderr
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert not Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split(), "front ends on one CPU"
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=60)
+    assert "one process: --frontends 0 (automatic): 1 CPU available" in err, err
+    assert process.returncode == 0

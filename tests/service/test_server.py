@@ -20,7 +20,7 @@ from PIL import Image
 
 from kos_core.layout import model_path
 from tests.conftest import ROOT, LiveServer, free_port, onnx_predict
-from tests.service.conftest import make_repository, metric_value, png_bytes, post_many
+from tests.service.conftest import SHAPES, make_repository, metric_value, png_bytes, post_many, shape
 
 
 def _pngs(arrays: np.ndarray, prefix: str = "img") -> list[tuple]:
@@ -302,10 +302,20 @@ def _slow_bodies(count: int) -> list[list[tuple]]:
     return [_pngs(rng.integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-async def test_full_queue_answers_503_with_retry_after_at_once(tmp_path, start_server, exported):
+@SHAPES
+async def test_full_queue_answers_503_with_retry_after_at_once(tmp_path, start_server, exported, frontends):
     repository = make_repository(tmp_path, {"slow": exported["slow"]})
     server = start_server(
-        repository, "--max-batch-size", "1", "--queue-size", "2", "--max-files-per-request", "2", "--watch-interval-s", "0"
+        repository,
+        "--max-batch-size",
+        "1",
+        "--queue-size",
+        "2",
+        "--max-files-per-request",
+        "2",
+        "--watch-interval-s",
+        "0",
+        *shape(frontends),
     )
     limits = httpx.Limits(max_connections=20, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
@@ -329,20 +339,28 @@ async def test_full_queue_answers_503_with_retry_after_at_once(tmp_path, start_s
     assert metric_value(text, "kos_images_total", model="slow") == len(served), "a refused request ran"
 
 
-async def test_deadline_passing_in_the_queue_answers_504_and_its_images_never_run(tmp_path, start_server, exported):
+@SHAPES
+async def test_deadline_passing_in_the_queue_answers_504_and_its_images_never_run(tmp_path, start_server, exported, frontends):
     repository = make_repository(tmp_path, {"slow": exported["slow"]})
-    server = start_server(repository, "--max-batch-size", "1", "--request-timeout-s", "0.4", "--watch-interval-s", "0")
+    server = start_server(
+        repository, "--max-batch-size", "1", "--request-timeout-s", "0.4", "--watch-interval-s", "0", *shape(frontends)
+    )
     responses = await post_many(f"{server.url}/predict/slow", _slow_bodies(12))
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 504} and statuses.count(504) >= 4, statuses
     assert all("deadline" in r.json()["detail"] for r in responses if r.status_code == 504)
     text = httpx.get(f"{server.url}/metrics").text
     assert metric_value(text, "kos_images_total", model="slow") == statuses.count(200), "an expired image was run"
+    assert metric_value(text, "kos_deadline_expired_images_total", model="slow") == statuses.count(504)
+    # Answered requests hold no queue places: the queue is empty and a lone request is not refused.
+    assert metric_value(text, "kos_queue_depth", model="slow") == 0
+    assert httpx.post(f"{server.url}/predict/slow", files=_slow_bodies(1)[0], timeout=60).status_code == 200
 
 
-async def test_shutdown_stops_taking_requests_and_finishes_those_in_flight(tmp_path, start_server, exported):
+@SHAPES
+async def test_shutdown_stops_taking_requests_and_finishes_those_in_flight(tmp_path, start_server, exported, frontends):
     repository = make_repository(tmp_path, {"slow": exported["slow"]})
-    server = start_server(repository, "--max-batch-size", "2", "--watch-interval-s", "0")
+    server = start_server(repository, "--max-batch-size", "2", "--watch-interval-s", "0", *shape(frontends))
     limits = httpx.Limits(max_connections=10, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         pending = [asyncio.ensure_future(client.post(f"{server.url}/predict/slow", files=f)) for f in _slow_bodies(8)]
@@ -533,10 +551,11 @@ def test_a_failed_new_version_leaves_the_node_ready_while_the_older_one_serves(t
     assert httpx.post(f"{server.url}/predict/digits?version=2", files=upload).status_code == 503
 
 
-async def test_a_client_that_goes_away_mid_upload_is_counted_499_not_as_a_server_error(start_server, bundled_repository):
-    import socket
-
-    server = start_server(bundled_repository)
+@SHAPES
+async def test_a_client_that_goes_away_mid_upload_is_counted_499_not_as_a_server_error(
+    start_server, bundled_repository, frontends
+):
+    server = start_server(bundled_repository, *shape(frontends))
     head = (
         "POST /predict/digits HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         "Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 100000\r\n\r\n--xyz\r\n"
@@ -552,3 +571,169 @@ async def test_a_client_that_goes_away_mid_upload_is_counted_499_not_as_a_server
     assert metric_value(text, "kos_requests_total", model="digits", status="499", protocol="multipart") == 1, text
     assert 'status="500"' not in text
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+# --- overload, deadlines and clients that go away (issue 16), in both shapes ---------------------
+
+
+async def _closed_loop(url: str, files: list[tuple], clients: int, seconds: float) -> dict[int, int]:
+    """`clients` clients, each sending its next request as soon as the last is answered, for `seconds`; statuses."""
+    statuses: dict[int, int] = {}
+    until = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+
+        async def one() -> None:
+            while time.monotonic() < until:
+                status = (await client.post(url, files=files)).status_code
+                statuses[status] = statuses.get(status, 0) + 1
+
+        await asyncio.gather(*(one() for _ in range(clients)))
+    return statuses
+
+
+@SHAPES
+async def test_under_a_deadline_flood_only_live_images_hold_queue_places_and_every_expired_image_is_counted(
+    tmp_path, start_server, exported, frontends
+):
+    # 200 single-image clients against a 50 ms deadline on a model slower than that: at most 200
+    # images can be live, far below the queue's 512, so nobody may be refused; images of requests
+    # already answered 504 must hold no place in the queue.
+    repository = make_repository(tmp_path, {"slow": exported["slow"]})
+    server = start_server(
+        repository, "--request-timeout-s", "0.05", "--max-batch-size", "2", "--watch-interval-s", "0", *shape(frontends)
+    )
+    samples: list[tuple[float, float]] = []
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            while not done.is_set():
+                text = (await client.get(f"{server.url}/metrics")).text
+                samples.append(
+                    (metric_value(text, "kos_queue_depth", model="slow"), metric_value(text, "kos_requests_in_progress"))
+                )
+                await asyncio.sleep(0.1)
+
+    sampler = asyncio.ensure_future(sample())
+    try:
+        statuses = await _closed_loop(f"{server.url}/predict/slow", _slow_bodies(1)[0], 200, 4.0)
+    finally:
+        done.set()
+        await sampler
+    depths = [depth for depth, _ in samples]
+    print(
+        f"statuses {statuses}; queue depth sampled: max {max(depths)} over {len(depths)} scrapes; (depth, in progress) {samples[:12]}"
+    )
+    assert set(statuses) <= {200, 504} and statuses.get(504, 0) > 0, statuses
+    assert max(depths) <= 200, f"more images counted as queued than can be live: {max(depths)}"
+    text = httpx.get(f"{server.url}/metrics").text
+    # Every image that did not run because its deadline passed is counted, whichever process noticed.
+    assert metric_value(text, "kos_requests_total", model="slow", status="504") == statuses[504]
+    assert metric_value(text, "kos_deadline_expired_images_total", model="slow") == statuses[504]
+    assert metric_value(text, "kos_images_total", model="slow") == statuses.get(200, 0)
+    assert metric_value(text, "kos_queue_depth", model="slow") == 0
+    r = httpx.post(f"{server.url}/predict/slow", files=_slow_bodies(1)[0], timeout=60)
+    assert r.status_code in (200, 504) and "queue" not in r.text
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    """An HTTP answer's head and body as far as it has come (the server keeps the connection open)."""
+    received = b""
+    while b"\r\n\r\n" not in received or len(received) < received.index(b"\r\n\r\n") + 4 + _content_length(received):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n\r\n")[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+@SHAPES
+async def test_a_full_queue_is_refused_before_the_body_is_read(tmp_path, start_server, exported, frontends):
+    repository = make_repository(tmp_path, {"slow": exported["slow"]})
+    server = start_server(
+        repository,
+        "--max-batch-size",
+        "1",
+        "--queue-size",
+        "2",
+        "--max-files-per-request",
+        "2",
+        "--watch-interval-s",
+        "0",
+        *shape(frontends),
+    )
+    url = f"{server.url}/predict/slow"
+    # Clients that keep the queue full: each sends its next two images as soon as it is answered.
+    two = _slow_bodies(2)
+    flood = asyncio.ensure_future(_closed_loop(url, two[0] + two[1], 8, 8.0))
+    await asyncio.sleep(1.0)
+    head = (
+        f"POST /predict/slow HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: {100_000_000}\r\n\r\n"
+    ).encode()
+    part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+    answers = []
+    for _ in range(40):
+        # Headers, and a sliver of a body that says it is 100 MB: only an answer given before reading it can come.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=1.5) as s:
+            started = time.monotonic()
+            s.sendall(head + part + b"\0" * 1000)
+            try:
+                answer = await asyncio.to_thread(_read_answer, s)
+            except TimeoutError:
+                continue  # a place was free at that moment: the service waits for the body; try again
+            answers.append((answer, time.monotonic() - started))
+        if answer.startswith(b"HTTP/1.1 503"):
+            break
+    await flood
+    assert answers, "never refused: the queue was never full"
+    answer, seconds = answers[-1]
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+    assert b"retry-after: " in answer.lower() and b"queue" in answer
+    print(f"503 for a 100 MB body with 1 kB sent, after {seconds * 1000:.1f} ms")
+
+
+@SHAPES
+async def test_a_client_that_hangs_up_while_its_request_waits_has_its_images_never_run(
+    tmp_path, start_server, exported, frontends
+):
+    repository = make_repository(tmp_path, {"slow": exported["slow"]})
+    server = start_server(repository, "--max-batch-size", "1", "--watch-interval-s", "0", *shape(frontends))
+    bodies = _slow_bodies(8)
+    requests = [httpx.Request("POST", f"{server.url}/predict/slow", files=files) for files in bodies]
+    sockets = []
+    for request in requests:
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        target = request.url.raw_path.decode()
+        headers = "".join(f"{k}: {v}\r\n" for k, v in request.headers.items())
+        s.sendall(f"POST {target} HTTP/1.1\r\n{headers}\r\n".encode() + request.read())
+        sockets.append(s)
+    deadline = time.monotonic() + 30
+    while metric_value(text := httpx.get(f"{server.url}/metrics").text, "kos_requests_in_progress") < 8:
+        assert time.monotonic() < deadline, "the 8 requests were never all in flight"
+        await asyncio.sleep(0.01)
+    ran_before = metric_value(text, "kos_images_total", model="slow")
+    for s in sockets:
+        s.close()  # every client goes away while most of their images wait in the queue
+    while metric_value(text := httpx.get(f"{server.url}/metrics").text, "kos_requests_in_progress") > 0:
+        assert time.monotonic() < deadline, "the requests of the clients that left were not dropped"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)  # time for any image still queued to run, were it run
+    text = httpx.get(f"{server.url}/metrics").text
+    ran = metric_value(text, "kos_images_total", model="slow") - ran_before
+    gone = metric_value(text, "kos_requests_total", model="slow", status="499")
+    print(f"{ran_before:.0f} images ran before the clients left, {ran:.0f} after; {gone:.0f} requests counted 499")
+    # At most the image that was running when they left (and one taken for the next batch) ran after.
+    assert ran <= 2 and gone >= 8 - ran_before - ran, (ran_before, ran, gone)
+    assert metric_value(text, "kos_queue_depth", model="slow") == 0
+    assert metric_value(text, "kos_images_total", model="slow") < 8
+    assert httpx.post(f"{server.url}/predict/slow", files=bodies[0], timeout=60).status_code == 200
