@@ -64,7 +64,7 @@ def create_app(
     registry = registry_factory(settings, device, metrics, decode_pool)
     lifecycle = Lifecycle(settings, registry)
     dataplane = DataPlane(settings, registry, metrics, decode_pool, readiness=lifecycle.readiness, liveness=lifecycle.liveness)
-    metrics.registry.register(ModelStateCollector(lifecycle))
+    metrics.add_collector(ModelStateCollector(lifecycle))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

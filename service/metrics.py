@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.registry import Collector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -24,6 +25,7 @@ class Metrics:
     def __init__(self, multiprocess_dir: Path | None = None) -> None:
         self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
+        self._collectors: list[Collector] = []  # read at each scrape, from this process's state
         r = self.registry
         self.requests = Counter(
             "kos_requests",
@@ -91,6 +93,11 @@ class Metrics:
                 if key[position] == name:
                     metric.remove(*key)
 
+    def add_collector(self, collector: Collector) -> None:
+        """A collector that reads its values at each scrape (model states, readiness), beside the metrics above."""
+        self._collectors.append(collector)
+        self.registry.register(collector)
+
     def render(self) -> bytes:
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
@@ -98,4 +105,6 @@ class Metrics:
 
         every_process = CollectorRegistry()
         MultiProcessCollector(every_process, path=str(self.multiprocess_dir))  # type: ignore[no-untyped-call]
+        for collector in self._collectors:
+            every_process.register(collector)  # this process's view, which mirrors the owner's
         return generate_latest(every_process)

@@ -76,6 +76,8 @@ class Owner:
         self._slots: dict[ServedModel, tuple[int, int]] = {}
         self._generations = 0
         self._links = 0
+        self._writers: set[asyncio.StreamWriter] = set()  # front ends that said hello, for snapshots pushed on change
+        self._shown: tuple[tuple[int, str, str | None], ...] = ()
         self._no_links = asyncio.Event()
         self._no_links.set()
         self._stop = asyncio.Event()
@@ -143,7 +145,20 @@ class Owner:
                     self.board.publish(slot, generation, batcher.depth, batcher.retry_after(), batcher.queue_size)
             for gone in set(self._slots) - live:
                 del self._slots[gone]
+            self._push_changes()
             await asyncio.sleep(PUBLISH_INTERVAL_S)
+
+    def _push_changes(self) -> None:
+        """Send every front end a snapshot as soon as a version is added, loaded, failed, replaced or removed."""
+        shown = tuple((id(m), m.state, m.error) for m in self.registry.all())
+        if shown == self._shown:
+            return
+        self._shown = shown
+        self._slots_for_all()
+        message = channel.encode({"id": 0, "snapshot": snapshot_of(self.registry, self._slots)})
+        for writer in list(self._writers):
+            if not writer.is_closing():
+                writer.write(message)
 
     # -- the control channel ---------------------------------------------------------------------
 
@@ -165,6 +180,7 @@ class Owner:
                 elif op in ("hello", "status"):
                     if op == "hello":
                         arena = self._arena(str(message["arena"]))
+                        self._writers.add(writer)
                     self._slots_for_all()
                     writer.write(channel.encode({"id": message["id"], "snapshot": snapshot_of(self.registry, self._slots)}))
                 else:
@@ -175,6 +191,7 @@ class Owner:
             for task in list(running.values()):
                 task.cancel()
             await asyncio.gather(*running.values(), return_exceptions=True)
+            self._writers.discard(writer)
             writer.close()
             self._links -= 1
             if not self._links:

@@ -21,7 +21,7 @@ from service.app import create_app
 from service.runtime import resolve_device
 from service.settings import Settings
 from tests.conftest import ROOT, LiveServer
-from tests.service.conftest import make_repository, metric_value, png_bytes
+from tests.service.conftest import SHAPES, acceptors, make_repository, metric_value, png_bytes, shape, wait_for_processes
 
 DIGIT = [("files", ("zero.png", png_bytes(np.zeros((8, 8), np.uint8)), "image/png"))]
 
@@ -198,9 +198,10 @@ async def test_liveness_fails_when_a_batcher_stops_or_the_event_loop_stalls(tmp_
 # --- the drain --------------------------------------------------------------------------------
 
 
-def _start(repository: Path, *args: str) -> LiveServer:
-    server = LiveServer(repository, ["--watch-interval-s", "0", *args])
+def _start(repository: Path, frontends: int, *args: str) -> LiveServer:
+    server = LiveServer(repository, ["--watch-interval-s", "0", *shape(frontends), *args])
     server.wait_until_listening()
+    wait_for_processes(server, frontends)
     return server
 
 
@@ -250,15 +251,18 @@ def _fire_until(url: str, outcomes: Outcomes, stop: threading.Event, clients: in
     return threads
 
 
-def test_connections_waiting_in_the_accept_backlog_at_sigterm_are_all_answered_and_the_exit_is_0(tmp_path, exported):
+@SHAPES
+def test_connections_waiting_in_the_accept_backlog_at_sigterm_are_all_answered_and_the_exit_is_0(tmp_path, exported, frontends):
     repository = make_repository(tmp_path, {"digits": exported["digits"]})
-    server = _start(repository)
+    server = _start(repository, frontends)
     try:
         url = f"{server.url}/predict/digits"
         assert httpx.post(url, files=DIGIT).status_code == 200
-        # Stopped, the process accepts nothing; the kernel still completes handshakes into the
-        # listening socket's backlog and buffers the requests, as under load.
-        server.process.send_signal(signal.SIGSTOP)
+        # Stopped, the processes that accept take nothing; the kernel still completes handshakes into
+        # the listening socket's backlog and buffers the requests, as under load.
+        stopped = acceptors(server, frontends)
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
         outcomes = Outcomes()
         waiting = [threading.Thread(target=outcomes.record, args=(url,), daemon=True) for _ in range(24)]
         for t in waiting:
@@ -266,7 +270,9 @@ def test_connections_waiting_in_the_accept_backlog_at_sigterm_are_all_answered_a
         time.sleep(1.0)
         backlog = subprocess.run(["ss", "-Hltn", f"sport = :{server.port}"], capture_output=True, text=True).stdout
         server.process.send_signal(signal.SIGTERM)
-        server.process.send_signal(signal.SIGCONT)
+        time.sleep(0.2)  # the signal is taken before the backlog can move (a supervisor drains it)
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
         for t in waiting:
             t.join(timeout=60)
         code = server.process.wait(timeout=60)
@@ -279,10 +285,11 @@ def test_connections_waiting_in_the_accept_backlog_at_sigterm_are_all_answered_a
         server.stop()
 
 
-def test_clients_firing_around_sigterm_without_a_drain_delay_are_answered_or_refused_never_reset(tmp_path, exported):
+@SHAPES
+def test_clients_firing_around_sigterm_without_a_drain_delay_are_answered_or_refused_never_reset(tmp_path, exported, frontends):
     repository = make_repository(tmp_path, {"digits": exported["digits"]})
     for trial in range(3):
-        server = _start(repository)
+        server = _start(repository, frontends)
         try:
             outcomes, stop = Outcomes(), threading.Event()
             threads = _fire_until(f"{server.url}/predict/digits", outcomes, stop)
@@ -302,10 +309,14 @@ def test_clients_firing_around_sigterm_without_a_drain_delay_are_answered_or_ref
             server.stop()
 
 
-def test_during_the_drain_delay_readiness_says_draining_while_every_request_is_served(tmp_path, exported):
+@SHAPES
+def test_during_the_drain_delay_readiness_says_draining_while_every_request_is_served(tmp_path, exported, frontends):
+    import tritonclient.grpc as grpcclient
+
     repository = make_repository(tmp_path, {"digits": exported["digits"]})
     # Long enough that the probes below still find the port open on a busy machine.
-    server = _start(repository, "--drain-delay-s", "4")
+    server = _start(repository, frontends, "--drain-delay-s", "4")
+    grpc = grpcclient.InferenceServerClient(url=server.grpc_target)
     try:
         outcomes, stop = Outcomes(), threading.Event()
         threads = _fire_until(f"{server.url}/predict/digits", outcomes, stop, clients=4)
@@ -318,6 +329,11 @@ def test_during_the_drain_delay_readiness_says_draining_while_every_request_is_s
         assert health["status"] == "draining" and "draining" in health["reason"]
         assert httpx.get(f"{server.url}/livez").status_code == 200
         assert httpx.head(f"{server.url}/health").status_code == 503
+        # Every front end, every protocol: new connections land on any of them.
+        for _ in range(6):
+            assert httpx.get(f"{server.url}/health").status_code == 503
+            assert httpx.get(f"{server.url}/v2/health/ready").status_code != 200
+        assert not grpc.is_server_ready() and grpc.is_server_live()
         time.sleep(max(0.0, 3.0 - (time.monotonic() - signalled)))
         during = dict(outcomes.statuses)
         assert server.process.poll() is None, "the process waits out the delay"
@@ -331,12 +347,14 @@ def test_during_the_drain_delay_readiness_says_draining_while_every_request_is_s
         assert outcomes.failures == [], outcomes.failures
         assert code == 0, server.log()
     finally:
+        grpc.close()
         server.stop()
 
 
-def test_a_drain_cut_short_by_the_shutdown_timeout_says_so_and_exits_1(tmp_path, exported):
+@SHAPES
+def test_a_drain_cut_short_by_the_shutdown_timeout_says_so_and_exits_1(tmp_path, exported, frontends):
     repository = make_repository(tmp_path, {"slow": exported["slow"]})
-    server = _start(repository, "--max-batch-size", "1", "--shutdown-timeout-s", "0.3")
+    server = _start(repository, frontends, "--max-batch-size", "1", "--shutdown-timeout-s", "0.3")
     try:
         rng = np.random.default_rng(0)
         bodies = [
@@ -369,9 +387,10 @@ def test_a_drain_cut_short_by_the_shutdown_timeout_says_so_and_exits_1(tmp_path,
         server.stop()
 
 
-def test_ctrl_c_skips_the_drain_delay(tmp_path, exported):
+@SHAPES
+def test_ctrl_c_skips_the_drain_delay(tmp_path, exported, frontends):
     repository = make_repository(tmp_path, {"digits": exported["digits"]})
-    server = _start(repository, "--drain-delay-s", "30")
+    server = _start(repository, frontends, "--drain-delay-s", "30")
     try:
         started = time.monotonic()
         server.process.send_signal(signal.SIGINT)
