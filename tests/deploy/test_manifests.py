@@ -353,3 +353,37 @@ def test_an_images_entry_in_a_users_overlay_replaces_every_image(tmp_path):
             pod = spec.get("template", {}).get("spec", spec)  # a Deployment's pod, or a runtime's
             images += [c["image"] for c in pod.get("containers", [])]
         assert images and set(images) == {"registry.example/ml/kos:2.0-gpu"}
+
+
+def _shm_room(pod_spec: dict, container_name: str) -> int:
+    """MiB of memory-backed /dev/shm the pod gives the service's container (0: the runtime's default 64 MiB)."""
+    mounts = {m["name"] for m in container(pod_spec, container_name).get("volumeMounts", []) if m["mountPath"] == "/dev/shm"}
+    for volume in pod_spec.get("volumes", []):
+        if volume["name"] in mounts and volume.get("emptyDir", {}).get("medium") == "Memory":
+            limit = volume["emptyDir"]["sizeLimit"]
+            assert limit.endswith("Mi"), limit
+            return int(limit[:-2])
+    return 0
+
+
+@needs_renderer
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_give_front_ends_room_in_dev_shm(overlays, overlay, runtimes):
+    # 64 MiB of shared memory per front end at full load (service/shm.py), and the automatic count
+    # reaches 8 front ends at most (service/machine.py).
+    from service.machine import MAX_AUTOMATIC_FRONTENDS
+    from service.shm import ARENA_BYTES
+
+    needed = MAX_AUTOMATIC_FRONTENDS * ARENA_BYTES // 2**20
+    pod = one(overlays[overlay], "Deployment")["spec"]["template"]["spec"]
+    assert _shm_room(pod, "keras-onnx-serve") >= needed
+    for runtime in runtimes:
+        assert _shm_room(runtime["spec"], "kserve-container") >= needed
+
+
+def test_compose_gives_front_ends_room_in_dev_shm():
+    import yaml
+
+    compose = yaml.safe_load((DEPLOY.parent / "docker-compose.yml").read_text())
+    for name in ("api", "api-cpu"):
+        assert compose["services"][name]["shm_size"] == "512m", name
