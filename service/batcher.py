@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import time
@@ -38,6 +39,13 @@ Clock = Callable[[], float]
 # What a request hands the batcher: a ready uint8 NHWC array, or one decoder per image (each
 # returning H x W x C), run in the decode pool or, for a lone request, on the inference thread.
 Work = np.ndarray | Sequence[Callable[[], np.ndarray]]
+# What releases the queue places the request being handled was given before its body was read
+# (DataPlane.hold); a batcher in another process calls it once the request's images reached it.
+HELD: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("held", default=None)
+
+
+def _nothing() -> None:
+    pass
 
 
 async def decode_all(pool: Executor | None, decoders: Sequence[Callable[[], np.ndarray]]) -> list[np.ndarray]:
@@ -161,6 +169,15 @@ class Batcher:
             raise BatcherClosed(f"the batcher of {self.name} v{self.version} is closed")
         if self.depth + self._incoming + count > self.queue_size:
             raise self._queue_full()
+
+    def hold(self, count: int) -> Callable[[], None]:
+        """check_room(count), for a request whose body is still to be read; what releases the hold.
+
+        Here the queue's state is live and announce() reserves places once the images are known,
+        so a hold reserves nothing; a front end's stand-in (service/mirror.py) does.
+        """
+        self.check_room(count)
+        return _nothing
 
     def announce(self, count: int) -> Announcement:
         """Say that `count` images are being decoded for this batcher, so a forming batch may wait for them.

@@ -118,6 +118,15 @@ class DataPlane:
             pass  # being replaced: the new version takes the request
         return served
 
+    def hold(self, name: str, version: int | None, count: int) -> Callable[[], None]:
+        """admit(), for a request whose body is still to be read; what gives back the places it may hold meanwhile."""
+        self._check_count(count)
+        served = self.served(name, version)
+        try:
+            return served.batcher.hold(max(1, count))  # type: ignore[union-attr]
+        except BatcherClosed:
+            return lambda: None  # being replaced: the new version takes the request
+
     def readiness(self) -> tuple[bool, str]:
         """Whether to send requests here, and why in words: what /health and the v2 readiness route answer."""
         return self._readiness()

@@ -7,6 +7,7 @@ import hmac
 import json
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
@@ -14,6 +15,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .batcher import HELD
 from .errors import ServiceError
 
 if TYPE_CHECKING:
@@ -169,12 +171,14 @@ class PredictionGate:
             return message
 
         self.metrics.in_progress.inc()
+        release: Callable[[], None] | None = None
         try:
-            refusal = self._refusal(scope, name, version, protocol)
+            refusal, release = self._refusal(scope, name, version, protocol)
             if refusal is not None:
                 await refusal(scope, receive, recording_send)
                 await _discard_body(receive)
             else:
+                HELD.set(release)
                 await self.app(scope, watching_receive, recording_send)
         except asyncio.CancelledError:
             gone = gone or not status
@@ -184,20 +188,24 @@ class PredictionGate:
             gone = gone or not status
             raise
         finally:
+            if release is not None:
+                release()
             if watcher is not None:
                 watcher.cancel()
             self.metrics.in_progress.dec()
             self.metrics.observe_request(label, 499 if gone else status or 500, protocol, time.perf_counter() - started)
 
-    def _refusal(self, scope: Scope, name: str, version: int | None, protocol: str) -> Response | None:
+    def _refusal(
+        self, scope: Scope, name: str, version: int | None, protocol: str
+    ) -> tuple[Response | None, Callable[[], None] | None]:
+        """The answer that refuses the request now, or what gives back the queue place its admission holds."""
         if scope.get("method") != "POST" or not self._authorised(scope):
-            return None
+            return None, None
         try:
-            self.dataplane.admit(name, version, 1)
+            return None, self.dataplane.hold(name, version, 1)
         except ServiceError as exc:
             body = {"error": exc.detail} if protocol == "v2-rest" else {"detail": exc.detail}
-            return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-        return None
+            return JSONResponse(body, status_code=exc.status_code, headers=exc.headers), None
 
     def _authorised(self, scope: Scope) -> bool:
         if not self.api_key:

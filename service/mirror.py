@@ -31,7 +31,7 @@ import numpy as np
 from kos_core.artifact import ModelMetadata
 
 from . import channel
-from .batcher import Batcher, Work, decode_all
+from .batcher import HELD, Batcher, Work, decode_all
 from .channel import Message, OwnerUnavailable, RunFolder
 from .errors import DeadlineExceeded, PayloadTooLarge, QueueFull
 from .metrics import Metrics
@@ -197,6 +197,10 @@ class RemoteBatcher:
         self._metrics = metrics
         self._decode_pool = decode_pool
         self._clock = clock
+        # Images of requests this front end admitted before reading their bodies and has not sent to the
+        # owner yet: the board cannot show them, and without them every request that arrives while a
+        # place is free would be admitted, parsed and decoded, only to be refused by the owner.
+        self._admitted = 0
 
     def start(self) -> None:
         """Nothing to start here: the owner's batcher gathers."""
@@ -217,12 +221,20 @@ class RemoteBatcher:
         if state is None:
             return  # not on the board: the owner's own check answers
         depth, retry_after, queue_size = state
-        if depth + count > queue_size:
+        own = HELD.get()
+        taken = depth + self._admitted - (own.count if isinstance(own, _Hold) and own.batcher is self and own.held else 0)
+        if taken + count > queue_size:
             raise QueueFull(
-                f"model {self.name!r} version {self.version} is busy: {depth} of its {queue_size} queue places are taken; "
-                f"retry after {retry_after} s",
+                f"model {self.name!r} version {self.version} is busy: {taken} of its {queue_size} queue "
+                f"places are taken; retry after {retry_after} s",
                 retry_after=retry_after,
             )
+
+    def hold(self, count: int) -> Callable[[], None]:
+        """check_room(count), and count the places as taken until the request's images reach the owner."""
+        self.check_room(count)
+        self._admitted += count
+        return _Hold(self, count)
 
     async def infer(self, work: Work, deadline: float, protocol: str = "") -> np.ndarray:
         """Rows for every image of one request, in order, run by the owner; raises what the owner's batcher raises."""
@@ -266,6 +278,9 @@ class RemoteBatcher:
         except BaseException:
             allocator.free(offset)
             raise
+        release = HELD.get()
+        if release is not None:
+            release()  # the owner counts the images from now on (the board shows them within milliseconds)
         try:
             reply = await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -282,6 +297,18 @@ class RemoteBatcher:
             return arena.view(offset, np.float32, tuple(reply["rows"])).copy()
         finally:
             allocator.free(offset)
+
+
+class _Hold:
+    """Queue places a request was admitted to before its body was read, until its images reach the owner."""
+
+    def __init__(self, batcher: RemoteBatcher, count: int):
+        self.batcher, self.count, self.held = batcher, count, True
+
+    def __call__(self) -> None:
+        if self.held:
+            self.held = False
+            self.batcher._admitted -= self.count
 
 
 def _free_when_answered(future: asyncio.Future[Message], allocator: Allocator, offset: int) -> None:
