@@ -254,11 +254,16 @@ class Batcher:
         self._update_depth()
         try:
             return await self._wait(items, deadline)
-        except BaseException:
+        except BaseException as error:
+            dropped = 0
             for item in items:
                 if not item.started:
-                    item.future.cancel()  # the batcher skips it: nothing runs for a request that is gone
+                    dropped += item.future.cancel()  # the batcher skips it: nothing runs for a request that is gone
                     self._settle(item)
+            if isinstance(error, DeadlineExceeded):
+                # The gatherer expired one of this request's images (and counted it); the siblings it had not
+                # reached yet will never run either, for the same deadline.
+                self._count_expired(dropped)
             raise
 
     def _slot_freed(self, future: asyncio.Future[Any]) -> None:

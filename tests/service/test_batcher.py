@@ -319,3 +319,21 @@ async def test_deadlines_follow_the_injected_clock(make_batcher, digits_run):
     with pytest.raises(DeadlineExceeded):
         await batcher.infer(images(1), 999.0)
     assert len(await batcher.infer(images(1), 1001.0)) == 1
+
+
+async def test_when_the_gatherer_expires_one_image_of_a_request_its_unreached_siblings_are_counted_too(make_batcher, digits_run):
+    now = [1000.0]
+    digits_run.gate.clear()
+    batcher = make_batcher(digits_run, max_batch_size=1, clock=lambda: now[0])
+    blocker = asyncio.ensure_future(batcher.submit(images(1), 5000.0))
+    await asyncio.sleep(0.2)  # the only worker is taken: the three images below wait in the queue
+    request = asyncio.ensure_future(batcher.submit(images(3, seed=1), 1500.0))
+    await asyncio.sleep(0.2)
+    now[0] = 2000.0  # past the request's deadline on the batcher's clock; its own wait has not timed out
+    digits_run.gate.set()
+    with pytest.raises(DeadlineExceeded):
+        await request
+    await blocker
+    text = batcher._metrics.render().decode()
+    assert metric_value(text, "kos_deadline_expired_images_total", model="digits") == 3
+    assert len(digits_run.batches) == 1, "none of the three ran"
