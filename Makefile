@@ -7,11 +7,12 @@ PORT ?= 8000
 REPOSITORY ?= models
 PYTEST_ARGS ?=
 
-.PHONY: help serve test lint models install install-dev clean
+.PHONY: help serve test test-fast lint models install install-dev clean
 
 help:
 	@echo "make serve   install the serving stack in $(VENV) and serve $(REPOSITORY)/ at http://$(HOST):$(PORT) (the page at /, Swagger UI at /docs)"
 	@echo "make test    install everything (training, export, tests) in $(VENV) and run the whole test suite"
+	@echo "make test-fast  the fast tier of the tests (about a minute): what needs no containers, browser, training or several processes"
 	@echo "make lint    ruff (lint and format check), mypy (strict on kos_core and service) and the package layer contracts"
 	@echo "make models  retrain and re-export the bundled digits model from its fixed seed"
 
@@ -36,6 +37,10 @@ serve: $(VENV)/.installed-serve
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast tier while developing: no containers, browser, load balancer, training or multi-process tests.
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Lint and format check, types (strict on the core and the service), and the package layers (the core
 # imports no framework, the service no TensorFlow).
