@@ -61,8 +61,9 @@ def model_card(meta: ModelMetadata, model_file: Path | None = None) -> str:
     ]
     p = meta.parity
     if p:
-        verdict = "passed" if p.get("passed") else "FAILED"
-        if p.get("passed") and p.get("conclusive") is False:
+        agreed = p.get("agreed", p.get("passed"))  # files written before "agreed" existed said it in "passed"
+        verdict = "passed" if agreed else "FAILED"
+        if agreed and p.get("conclusive") is False:
             verdict = f"{p.get('verdict')} (exported with --allow-inconclusive-parity), agreement"
         spread = f", answers spread {float(p['output_spread']):.1e} across images" if "output_spread" in p else ""
         lines.append(

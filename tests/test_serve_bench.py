@@ -59,5 +59,6 @@ def test_the_benchmark_s_zoo_models_are_trained_and_exported_by_the_command_line
     assert meta.architecture == architecture and meta.dataset == "generated" and meta.input_shape == (32, 32, 3)
     assert meta.source_run == str(tmp_path / f"{name}-run") and len(meta.labels) == 10
     # Parity-checked like any export: agreement held, and the card's verdict says whether it proved anything.
-    assert meta.parity["passed"] is True and meta.parity["images"] == 30
+    assert meta.parity["agreed"] is True and meta.parity["images"] == 30
     assert meta.parity["verdict"] in ("passed", "inconclusive: the model's output does not depend on its input")
+    assert meta.parity["passed"] is (meta.parity["verdict"] == "passed"), "passed is the verdict, not the agreement alone"
