@@ -175,9 +175,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(command: list[str], port: int) -> subprocess.Popen:
+def start(command: list[str], port: int, cwd: Path = ROOT) -> subprocess.Popen:
+    """Run `command` in `cwd` (a checkout: `python -m service` imports the service found there) until /health answers 200."""
     log = tempfile.TemporaryFile()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
     import urllib.request
 
     deadline = time.monotonic() + 300
