@@ -11,6 +11,7 @@ share of the loop's busy samples, the loop's busy share of the wall clock, and r
     pip install py-spy     # into the development environment, not the service's
     python benchmarks/loop_profile.py                      # digits, c=32, 10 s at 100 Hz
     python benchmarks/loop_profile.py --json runs/loop_profile.json --keep runs/loop_profile.txt
+    python benchmarks/loop_profile.py --checkout /tmp/old     # another checkout's service (git archive ... | tar -x)
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def loop_samples(raw: str) -> collections.Counter[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkout", type=Path, default=ROOT, help="the checkout whose service is profiled")
     parser.add_argument("--repository", type=Path, default=ROOT / "models")
     parser.add_argument("--model", default="digits")
     parser.add_argument("--concurrency", type=int, default=32)
@@ -89,7 +91,7 @@ def main() -> None:
     port = free_port()
     command = [sys.executable, "-m", "service", "--port", str(port), "--repository", str(args.repository), "--frontends", "1"]
     command += ["--grpc-port", "0", "--watch-interval-s", "0", "--log-level", "warning"]
-    service = start(command, port)
+    service = start(command, port, cwd=args.checkout.resolve())
     url = f"http://127.0.0.1:{port}/predict/{args.model}"
     figures: dict = {}
     try:
