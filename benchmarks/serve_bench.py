@@ -85,9 +85,9 @@ ZOO = {"cifar10": ("cifar10_cnn", 32), "mobilenet": ("mobilenet_v2", 224)}
 MODELS = ("digits", *ZOO)
 
 
-def zoo_training(name: str, side: int | None = None) -> list[str]:
-    """The training command line's options for one of the benchmark's zoo models, at `side` x `side` pixels."""
-    architecture, natural = ZOO[name]
+def zoo_training(name: str, side: int | None = None, zoo: dict[str, tuple[str, int]] = ZOO) -> list[str]:
+    """The training command line's options for one of `zoo`'s models, at `side` x `side` pixels."""
+    architecture, natural = zoo[name]
     side = side or natural
     return [
         "--model", architecture, "--dataset", "generated", "--image-size", f"{side}x{side}", "--color-mode", "rgb",
@@ -96,16 +96,22 @@ def zoo_training(name: str, side: int | None = None) -> list[str]:
     ]  # fmt: skip
 
 
-def build_zoo_model(name: str, cache: Path, side: int | None = None) -> Path:
-    """Train and export one of the benchmark's zoo models with the project's own command lines; returns the model file."""
+def build_zoo_model(
+    name: str, cache: Path, side: int | None = None, variants: tuple[str, ...] = (), zoo: dict[str, tuple[str, int]] = ZOO
+) -> Path:
+    """Train and export one of `zoo`'s models with the project's own command lines; returns the float32 model file.
+
+    `variants` (float16, int8) are exported beside it, kept whatever accuracy they lose: a model
+    trained this briefly answers nearly alike for every image, so its accuracy proves nothing.
+    """
     from kos_core.layout import model_path
 
     run_dir, repository = cache / f"{name}-run", cache / "models"
     commands = [
-        ["-m", "training", "train", *zoo_training(name, side), "--run-dir", str(run_dir), "--ledger", str(cache / "ledger.csv"),
-         "--overwrite", "--note", f"serve_bench's {ZOO[name][0]}"],
+        ["-m", "training", "train", *zoo_training(name, side, zoo), "--run-dir", str(run_dir), "--ledger", str(cache / "ledger.csv"),
+         "--overwrite", "--note", f"serve_bench's {zoo[name][0]}"],
         ["-m", "export", str(run_dir), "--name", name, "--version", "1", "--overwrite", "--repository",
-         str(repository), "--allow-inconclusive-parity"],
+         str(repository), "--allow-inconclusive-parity", *(["--variants", *variants, "--force-variants"] if variants else [])],
     ]  # fmt: skip
     for command in commands:
         progress(f"python {' '.join(command)}")
@@ -169,9 +175,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(command: list[str], port: int) -> subprocess.Popen:
+def start(command: list[str], port: int, cwd: Path = ROOT) -> subprocess.Popen:
+    """Run `command` in `cwd` (a checkout: `python -m service` imports the service found there) until /health answers 200."""
     log = tempfile.TemporaryFile()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
     import urllib.request
 
     deadline = time.monotonic() + 300

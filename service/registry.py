@@ -448,13 +448,17 @@ class Registry:
 
     def get(self, name: str, version: int | None = None) -> ServedModel:
         """The requested version, or the highest ready one, ready to run; else a 404/503 ServiceError."""
-        versions = {m.version: m for m in self.versions(name)}
+        # Every prediction asks this several times, so it reads the registry's own mapping rather than
+        # sorting a list of versions; `versions` gives the answer for a name not served.
+        if name not in self.models:
+            self.versions(name)  # raises the 404, or the 503 while the service loads its models
+        versions = self.models[name]
         if version is None:
             ready = [v for v, m in versions.items() if m.state == "ready"]
             version = max(ready) if ready else max(versions)
-        if version not in versions:
+        served = versions.get(version)
+        if served is None:
             raise ModelNotFound(f"model {name!r} has no version {version} (versions: {sorted(versions)})")
-        served = versions[version]
         if served.state == "failed":
             raise ModelFailed(
                 f"model {name!r} version {version} failed to load: an operator must fix or replace its file (GET /health says why)"
