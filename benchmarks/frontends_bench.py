@@ -18,37 +18,9 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from serve_bench import ROOT, free_port, make_jpegs, run_wrk, start, stop
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def tree(pid: int) -> list[int]:
-    """`pid` and every process below it, from /proc."""
-    found = [pid]
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for child in children:
-            found += tree(int(child))
-    return found
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User plus system CPU time of these processes (and their reaped children), in seconds."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
-    return total / _TICKS
+from serve_bench import ROOT, free_port, make_jpegs, run_wrk, start, stop, wrk_with_server_cpu
 
 
 def main() -> None:
@@ -79,10 +51,7 @@ def main() -> None:
             order = targets if round_ % 2 == 0 else targets[::-1]
             for n in order:
                 process, url = servers[n]
-                pids = tree(process.pid)
-                began, cpu_before = time.perf_counter(), cpu_seconds(pids)
-                figures, wrk_share = run_wrk(url, manifest, args.concurrency, args.duration, 1)
-                cores = (cpu_seconds(pids) - cpu_before) / (time.perf_counter() - began)
+                figures, wrk_share, cores = wrk_with_server_cpu(process.pid, url, manifest, args.concurrency, args.duration)
                 results[n].append({**figures, "service_cores": cores, "wrk_cpu_share": wrk_share})
                 print(
                     f"round {round_ + 1} --frontends {n}: {figures['requests_per_s']:8.1f} req/s  p50 {figures['p50_ms']:6.2f} ms  "

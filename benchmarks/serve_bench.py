@@ -1,8 +1,8 @@
 """End-to-end serving benchmark: the service beside the in-process ceiling and a naive endpoint.
 
-For each model (the bundled digits model, and a MobileNetV2 at 224x224 trained briefly on the
-generated data set and exported, once, by `python -m training train` and `python -m export` into a
-cache folder) it measures, in one run:
+For each model (the bundled digits model, the zoo's CIFAR-10 CNN at 32x32 and a MobileNetV2 at
+224x224, the last two trained briefly on the generated data set and exported, once, by `python -m
+training train` and `python -m export` into a cache folder) it measures, in one run:
 
 - the in-process ceiling: decode and resize on all cores plus `session.run`, pipelined, at the
   best batch size, intra-op thread count and batches in flight found, on the same JPEG files, no HTTP;
@@ -38,13 +38,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the service package of this checkout, beside benchmarks/
+
+from service.measure import Pipeline, best_pipeline, service_setting  # noqa: E402
+
 LUA = Path(__file__).resolve().parent / "multipart.lua"
 V2_LUA = Path(__file__).resolve().parent / "v2.lua"
 # The service over each protocol, beside multipart ("service"): what the v2 comparison lines read.
@@ -62,15 +65,7 @@ class LoadResult:
     p99_ms: float
     errors: int
     wrk_cpu_share: float  # the load generator's (wrk, or the gRPC client), of the whole machine (all cores)
-
-
-@dataclass
-class Ceiling:
-    images_per_s: float
-    batch_size: int
-    intra_op_threads: int
-    spinning: bool
-    workers: int = 1  # batches run at the same time (threads calling session.run)
+    server_cpu: float = 0.0  # the server's process tree, in cores (1.0: one core busy all the time)
 
 
 def progress(message: str) -> None:
@@ -80,34 +75,48 @@ def progress(message: str) -> None:
 # --- models -------------------------------------------------------------------------------------
 
 
-# The MobileNetV2 the benchmark serves, made as a user makes a model: `python -m training train` on
-# the generated data set, then `python -m export`. Speed is what is measured, so a short run from
-# random weights is enough; the export still checks parity like any other, and since a network
-# trained this briefly may answer nearly alike for every image, its card says whether that check
-# was conclusive (--allow-inconclusive-parity lets the export through either way).
-def mobilenet_training(side: int = 224) -> list[str]:
+# The models the benchmark serves besides the bundled digits, made as a user makes a model:
+# `python -m training train` on the generated data set, then `python -m export`. Speed is what is
+# measured, so a short run is enough (MobileNetV2 from random weights); the export still checks
+# parity like any other, and since a network trained this briefly may answer nearly alike for every
+# image, its card says whether that check was conclusive (--allow-inconclusive-parity lets the export
+# through either way).
+ZOO = {"cifar10": ("cifar10_cnn", 32), "mobilenet": ("mobilenet_v2", 224)}
+MODELS = ("digits", *ZOO)
+
+
+def zoo_training(name: str, side: int | None = None, zoo: dict[str, tuple[str, int]] = ZOO) -> list[str]:
+    """The training command line's options for one of `zoo`'s models, at `side` x `side` pixels."""
+    architecture, natural = zoo[name]
+    side = side or natural
     return [
-        "--model", "mobilenet_v2", "--dataset", "generated", "--image-size", f"{side}x{side}", "--color-mode", "rgb",
+        "--model", architecture, "--dataset", "generated", "--image-size", f"{side}x{side}", "--color-mode", "rgb",
         "--generated-classes", "10", "--generated-per-class", "20", "--weights", "none",
         "--epochs", "2", "--batch-size", "8", "--seed", "0",
     ]  # fmt: skip
 
 
-def build_mobilenet(cache: Path, side: int = 224) -> Path:
-    """Train and export the benchmark's MobileNetV2 with the project's own command lines; returns the model file."""
+def build_zoo_model(
+    name: str, cache: Path, side: int | None = None, variants: tuple[str, ...] = (), zoo: dict[str, tuple[str, int]] = ZOO
+) -> Path:
+    """Train and export one of `zoo`'s models with the project's own command lines; returns the float32 model file.
+
+    `variants` (float16, int8) are exported beside it, kept whatever accuracy they lose: a model
+    trained this briefly answers nearly alike for every image, so its accuracy proves nothing.
+    """
     from kos_core.layout import model_path
 
-    run_dir, repository = cache / "mobilenet-run", cache / "models"
+    run_dir, repository = cache / f"{name}-run", cache / "models"
     commands = [
-        ["-m", "training", "train", *mobilenet_training(side), "--run-dir", str(run_dir), "--ledger", str(cache / "ledger.csv"),
-         "--overwrite", "--note", "serve_bench's MobileNetV2"],
-        ["-m", "export", str(run_dir), "--name", "mobilenet", "--version", "1", "--overwrite", "--repository",
-         str(repository), "--allow-inconclusive-parity"],
+        ["-m", "training", "train", *zoo_training(name, side, zoo), "--run-dir", str(run_dir), "--ledger", str(cache / "ledger.csv"),
+         "--overwrite", "--note", f"serve_bench's {zoo[name][0]}"],
+        ["-m", "export", str(run_dir), "--name", name, "--version", "1", "--overwrite", "--repository",
+         str(repository), "--allow-inconclusive-parity", *(["--variants", *variants, "--force-variants"] if variants else [])],
     ]  # fmt: skip
     for command in commands:
         progress(f"python {' '.join(command)}")
         subprocess.run([sys.executable, *command], check=True, cwd=ROOT)
-    return model_path(repository, "mobilenet", 1)
+    return model_path(repository, name, 1)
 
 
 def model_file(name: str, cache: Path) -> Path:
@@ -115,10 +124,10 @@ def model_file(name: str, cache: Path) -> Path:
 
     if name == "digits":
         return model_path(ROOT / "models", "digits", 1)
-    path = model_path(cache / "models", "mobilenet", 1)
+    path = model_path(cache / "models", name, 1)
     if not path.is_file():
-        progress(f"making MobileNetV2 in {cache} (once): a short training run and an export, by the command lines")
-        path = build_mobilenet(cache)
+        progress(f"making {ZOO[name][0]} in {cache} (once): a short training run and an export, by the command lines")
+        path = build_zoo_model(name, cache)
     return path
 
 
@@ -126,7 +135,8 @@ def model_file(name: str, cache: Path) -> Path:
 
 
 def make_jpegs(name: str, folder: Path, count: int) -> list[Path]:
-    """Real JPEG files: held-out scikit-learn digits for digits, photo-like 320x240 pictures for MobileNet."""
+    """Real JPEG files: held-out scikit-learn digits for digits, photo-like pictures for the others
+    (32x32 as CIFAR-10's own for cifar10, 320x240 for MobileNetV2)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -141,95 +151,19 @@ def make_jpegs(name: str, folder: Path, count: int) -> list[Path]:
             paths.append(folder / f"digit{i:03d}.jpg")
             Image.fromarray(array, mode="L").save(paths[-1], quality=95)
     else:
-        yy, xx = np.mgrid[0:240, 0:320]
+        width, height = (32, 32) if name == "cifar10" else (320, 240)
+        scale = width / 320
+        yy, xx = np.mgrid[0:height, 0:width]
         for i in range(count):
-            # Smooth colour fields plus texture compress like photographs do (~20-40 kB each).
+            # Smooth colour fields plus texture compress like photographs do (~20-40 kB each at 320x240).
             phase = rng.uniform(0, 2 * np.pi, 3)
-            channels = [127 + 100 * np.sin(xx / rng.uniform(20, 80) + yy / rng.uniform(20, 80) + p) for p in phase]
-            array = np.stack(channels, axis=-1) + rng.normal(0, 12, (240, 320, 3))
+            channels = [
+                127 + 100 * np.sin(xx / (scale * rng.uniform(20, 80)) + yy / (scale * rng.uniform(20, 80)) + p) for p in phase
+            ]
+            array = np.stack(channels, axis=-1) + rng.normal(0, 12, (height, width, 3))
             paths.append(folder / f"photo{i:03d}.jpg")
             Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="RGB").save(paths[-1], quality=90)
     return paths
-
-
-# --- the in-process ceiling ---------------------------------------------------------------------
-
-
-class Pipeline:
-    """The in-process ceiling at one setting: decode on all cores while the previous batch runs."""
-
-    def __init__(self, path: Path, blobs: list[bytes], batch: int, intra: int, spinning: bool, workers: int = 1):
-        import onnxruntime as ort
-
-        from kos_core.artifact import ModelMetadata
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        self.spec = ModelMetadata.from_metadata_props(self.session.get_modelmeta().custom_metadata_map)
-        self.blobs, self.batch, self.workers = blobs, batch, workers
-        self.setting = Ceiling(0.0, batch, intra, spinning, workers)
-        self.run(np.zeros((batch, *self.spec.input_shape), np.uint8))
-
-    def run(self, images: np.ndarray) -> None:
-        from kos_core.artifact import INPUT_NAME, OUTPUT_NAME
-
-        self.session.run([OUTPUT_NAME], {INPUT_NAME: images})
-
-    def rate(self, seconds: float) -> float:
-        """Images per second over about `seconds`, with `workers` batches in flight at once."""
-        from kos_core.imaging import decode_image
-
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-
-            def decode_batch(start: int) -> list:
-                return [
-                    pool.submit(decode_image, self.blobs[(start + i) % len(self.blobs)], "x", self.spec.input_spec, 40_000_000)
-                    for i in range(self.batch)
-                ]
-
-            def worker(offset: int) -> int:
-                done, start = 0, offset
-                pending = decode_batch(start)
-                while time.perf_counter() - began < seconds:
-                    images = np.stack([f.result() for f in pending])
-                    start += self.batch * self.workers
-                    pending = decode_batch(start)  # decoded while this batch runs
-                    self.run(images)
-                    done += self.batch
-                for f in pending:
-                    f.result()
-                return done
-
-            began = time.perf_counter()
-            with ThreadPoolExecutor(self.workers) as runners:
-                done = sum(runners.map(worker, [w * self.batch for w in range(self.workers)]))
-            return done / (time.perf_counter() - began)
-
-
-def best_pipeline(path: Path, blobs: list[bytes], seconds: float, batch_sizes: list[int]) -> tuple[Pipeline, list[Ceiling]]:
-    """Search batch size, intra-op threads, spinning and batches in flight for the highest in-process images/s.
-
-    Returns the best pipeline and every setting tried, with its rate.
-    """
-    cores = os.cpu_count() or 1
-    best, tried = None, []
-    for workers in sorted({1, 2}):
-        for intra in sorted({1, cores}):
-            for spinning in (True, False):
-                for batch in batch_sizes:
-                    pipeline = Pipeline(path, blobs, batch, intra, spinning, workers)
-                    pipeline.setting.images_per_s = pipeline.rate(seconds)
-                    tried.append(pipeline.setting)
-                    progress(
-                        f"  ceiling: batch {batch:3d}, intra-op threads {intra}, spinning {spinning!s:5}, "
-                        f"batches in flight {workers}: {pipeline.setting.images_per_s:8.1f} images/s"
-                    )
-                    if best is None or pipeline.setting.images_per_s > best.setting.images_per_s:
-                        best = pipeline
-    assert best is not None
-    return best, tried
 
 
 # --- servers and load ---------------------------------------------------------------------------
@@ -241,9 +175,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(command: list[str], port: int) -> subprocess.Popen:
+def start(command: list[str], port: int, cwd: Path = ROOT) -> subprocess.Popen:
+    """Run `command` in `cwd` (a checkout: `python -m service` imports the service found there) until /health answers 200."""
     log = tempfile.TemporaryFile()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
     import urllib.request
 
     deadline = time.monotonic() + 300
@@ -319,6 +254,48 @@ def run_wrk(url: str, manifest: Path, concurrency: int, seconds: float, threads:
 
 
 Runner = Callable[[int, float], tuple[dict, float]]
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and every process below it, from /proc."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            found += tree(int(child))
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time of these processes (and their reaped children), in seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wrk_with_server_cpu(pid: int, url: str, manifest: Path, concurrency: int, seconds: float) -> tuple[dict, float, float]:
+    """One wrk run (one thread) against the server `pid`: wrk's figures, wrk's CPU share, and the server tree's cores."""
+    return with_server_cpu(wrk_runner(url, manifest, 1), pid)(concurrency, seconds)
+
+
+def with_server_cpu(runner: Runner, pid: int) -> Callable[[int, float], tuple[dict, float, float]]:
+    """The runner, also returning the server's process tree's CPU use during the run, in cores."""
+
+    def run(concurrency: int, seconds: float) -> tuple[dict, float, float]:
+        pids = tree(pid)
+        before, began = cpu_seconds(pids), time.perf_counter()
+        figures, load_share = runner(concurrency, seconds)
+        return figures, load_share, (cpu_seconds(pids) - before) / (time.perf_counter() - began)
+
+    return run
 
 
 def wrk_runner(url: str, manifest: Path, threads: int, script: Path = LUA) -> Runner:
@@ -453,6 +430,7 @@ def v2_requests(name: str, path: Path, blobs: list[bytes], folder: Path) -> dict
 
 def load_test(
     targets: dict[str, Runner],
+    servers: dict[str, int],
     concurrencies: list[int],
     seconds: float,
     rounds: int,
@@ -462,17 +440,18 @@ def load_test(
     load (it is shared) hits every target alike; rates are averaged, p50 is the median of the
     rounds' p50s, p99 the worst round's. The ceiling, when given, is re-measured in every round
     too, so each concurrency's "share of the ceiling" compares figures taken side by side."""
+    measured = {target: with_server_cpu(runner, servers[target]) for target, runner in targets.items()}
     for runner in targets.values():
         runner(max(concurrencies), max(1.0, seconds / 3))  # warm-up, not counted
     results = []
     ceilings: dict[int, float] = {}
     for c in concurrencies:
-        rounds_by_target: dict[str, list[tuple[dict, float]]] = {t: [] for t in targets}
+        rounds_by_target: dict[str, list[tuple[dict, float, float]]] = {t: [] for t in targets}
         ceiling_rates = []
         for _ in range(rounds):
             if ceiling is not None:
                 ceiling_rates.append(ceiling.rate(seconds / rounds))
-            for target, runner in targets.items():
+            for target, runner in measured.items():
                 rounds_by_target[target].append(runner(c, seconds / rounds))
         if ceiling_rates:
             ceilings[c] = float(np.mean(ceiling_rates))
@@ -481,50 +460,19 @@ def load_test(
             result = LoadResult(
                 target=target,
                 concurrency=c,
-                requests_per_s=float(np.mean([f["requests_per_s"] for f, _ in runs])),
-                p50_ms=float(np.median([f["p50_ms"] for f, _ in runs])),
-                p99_ms=max(f["p99_ms"] for f, _ in runs),
-                errors=sum(f["errors"] for f, _ in runs),
-                wrk_cpu_share=float(np.mean([share for _, share in runs])),
+                requests_per_s=float(np.mean([f["requests_per_s"] for f, _, _ in runs])),
+                p50_ms=float(np.median([f["p50_ms"] for f, _, _ in runs])),
+                p99_ms=max(f["p99_ms"] for f, _, _ in runs),
+                errors=sum(f["errors"] for f, _, _ in runs),
+                wrk_cpu_share=float(np.mean([share for _, share, _ in runs])),
+                server_cpu=float(np.mean([cores for _, _, cores in runs])),
             )
             results.append(result)
             progress(
                 f"  {target:8s} c={c:3d}: {result.requests_per_s:8.1f} img/s  p50 {result.p50_ms:7.2f} ms  "
-                f"p99 {result.p99_ms:7.2f} ms  load CPU {result.wrk_cpu_share:5.1%}"
+                f"p99 {result.p99_ms:7.2f} ms  server CPU {result.server_cpu:5.0%}  load CPU {result.wrk_cpu_share:5.1%}"
             )
     return results, ceilings
-
-
-def service_setting(best: Ceiling, tried: list[Ceiling], tolerance: float = 0.10) -> list[str]:
-    """The service's flags, chosen from the settings the ceiling search tried for this model here.
-
-    Of the settings within `tolerance` of the best rate (on a shared machine the search's rates
-    move by 5 to 10 % from run to run), the service takes the one with the fewest intra-op
-    threads, then the most batches in flight, then the largest batch. In a server, a batch split
-    over several threads stalls at every step of the graph whenever HTTP or decoding preempts one
-    of them, while one-thread batches side by side do not wait for each other. And every batch
-    costs a trip through the event loop and the thread pool, which the in-process search does not
-    pay: with MobileNetV2 at concurrency 32, a batch cap of 8 or 32 served 14 % more images per
-    second than a cap of 1 (paired runs), though the search rated the three within 11 %. Spinning
-    stays off whatever the ceiling liked: with no HTTP to parse, spinning threads cost the ceiling
-    nothing, but in the service they take the cores that parse requests and decode images. With
-    fewer intra-op threads than cores, a request arriving at an idle model runs on a second
-    session with every core (--lone-request-threads), so low load keeps a whole-machine latency.
-    """
-    cores = os.cpu_count() or 1
-    near = [t for t in tried if t.images_per_s >= (1 - tolerance) * best.images_per_s]
-    chosen = min(near, key=lambda t: (t.intra_op_threads, -t.workers, -t.batch_size))
-    flags = [
-        "--max-batch-size",
-        str(chosen.batch_size),
-        "--intra-op-threads",
-        str(chosen.intra_op_threads),
-        "--inference-workers",
-        str(chosen.workers),
-    ]
-    if chosen.intra_op_threads < cores:
-        flags += ["--lone-request-threads", str(cores)]
-    return flags
 
 
 def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
@@ -537,7 +485,9 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     pipeline = None
     if not args.skip_ceiling:
         progress(f"{name}: in-process ceiling, searching the best setting")
-        pipeline, tried = best_pipeline(path, blobs, args.ceiling_seconds, [1, 8, 32])
+        pipeline, tried = best_pipeline(
+            path, blobs, args.ceiling_seconds, [1, 8, 32], report=lambda line: progress(f"  ceiling {line}")
+        )
         record["ceiling"] = asdict(pipeline.setting)
         record["ceiling_search"] = [asdict(t) for t in tried]
     repository = work / name / "repository"
@@ -545,7 +495,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     (repository / name / "1").mkdir(parents=True)
     shutil.copyfile(path, repository / name / "1" / "model.onnx")
     tuned = []
-    if "ceiling" in record and not args.untuned:
+    if "ceiling" in record and args.tuned:
         tuned = service_setting(pipeline.setting, tried)
     port, grpc_port = free_port(), free_port()
     v2 = v2_requests(name, path, blobs, work / name / "v2")
@@ -586,7 +536,8 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
                 )
             )
             targets["naive"] = wrk_runner(f"http://127.0.0.1:{naive_port}/predict/{name}", manifest, args.wrk_threads)
-        results, ceilings = load_test(targets, args.concurrency, args.duration, args.rounds, pipeline)
+        servers = {target: processes[-1 if target == "naive" else 0].pid for target in targets}
+        results, ceilings = load_test(targets, servers, args.concurrency, args.duration, args.rounds, pipeline)
     finally:
         for process in processes:
             stop(process)
@@ -600,14 +551,14 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
 def print_table(records: list[dict]) -> None:
     print()
     print(
-        f"{'model':10s} {'target':8s} {'conc':>4s} {'img/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} {'load CPU':>8s} {'of ceiling':>10s}"
+        f"{'model':10s} {'target':8s} {'conc':>4s} {'img/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} {'server CPU':>10s} {'load CPU':>8s} {'of ceiling':>10s}"
     )
     for record in records:
         ceiling = record.get("ceiling", {}).get("images_per_s")
         if ceiling:
             c = record["ceiling"]
             print(
-                f"{record['model']:10s} {'ceiling':8s} {'':>4s} {ceiling:9.1f} {'':>8s} {'':>8s} {'':>6s} {'':>8s} {'100%':>10s}"
+                f"{record['model']:10s} {'ceiling':8s} {'':>4s} {ceiling:9.1f} {'':>8s} {'':>8s} {'':>6s} {'':>10s} {'':>8s} {'100%':>10s}"
                 f"   (batch {c['batch_size']}, intra-op threads {c['intra_op_threads']}, spinning {c['spinning']}, "
                 f"batches in flight {c['workers']})"
             )
@@ -617,7 +568,7 @@ def print_table(records: list[dict]) -> None:
             share = f"{r['requests_per_s'] / alongside:.0%}" if alongside else "-"
             print(
                 f"{record['model']:10s} {r['target']:8s} {r['concurrency']:4d} {r['requests_per_s']:9.1f} {r['p50_ms']:8.2f} "
-                f"{r['p99_ms']:8.2f} {r['errors']:6d} {r['wrk_cpu_share']:8.1%} {share:>10s}"
+                f"{r['p99_ms']:8.2f} {r['errors']:6d} {r['server_cpu']:10.0%} {r['wrk_cpu_share']:8.1%} {share:>10s}"
             )
         by = {(r["target"], r["concurrency"]): r for r in record["load"]}
         if ceiling and ("service", 32) in by:
@@ -644,7 +595,7 @@ def print_table(records: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="digits,mobilenet", help="comma-separated: digits, mobilenet")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated connection counts")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of load per point and target")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds the duration is split into")
@@ -653,7 +604,9 @@ def main() -> None:
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (it shares the cores with the server)")
     parser.add_argument("--service-args", default="", help="extra flags for python -m service, e.g. '--max-batch-size 16'")
     parser.add_argument(
-        "--untuned", action="store_true", help="serve with the service's defaults, not the ceiling's best batch size and threads"
+        "--tuned",
+        action="store_true",
+        help="serve at flags taken from the ceiling's search (service.measure.service_setting), not at the service's defaults",
     )
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--skip-ceiling", action="store_true")
@@ -671,8 +624,8 @@ def main() -> None:
     records = []
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         for name in args.models.split(","):
-            if name not in ("digits", "mobilenet"):
-                sys.exit(f"unknown model {name!r}: choose digits or mobilenet")
+            if name not in MODELS:
+                sys.exit(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
             records.append(bench_model(name, args, Path(tmp)))
     print_table(records)
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kos_core.artifact import MODEL_FILENAME, PRECISION_FILENAMES, ModelMetadata
-from kos_core.layout import list_versions
+from kos_core.layout import is_version, list_versions
 
 from .errors import ExportError
 
@@ -47,7 +47,7 @@ def resolve_model_file(path: Path) -> Path:
 def model_card(meta: ModelMetadata, model_file: Path | None = None) -> str:
     """A few lines a person reads to know what this model is and whether to trust it."""
     where = f"  {model_file}, {_size(model_file)}" if model_file is not None and model_file.is_file() else ""
-    version = f" v{model_file.parent.name}" if model_file is not None and model_file.parent.name.isdigit() else ""
+    version = f" v{model_file.parent.name}" if model_file is not None and is_version(model_file.parent.name) else ""
     labels = ", ".join(meta.labels[:10]) + (
         f", ... ({len(meta.labels)} classes)" if len(meta.labels) > 10 else f" ({len(meta.labels)} classes)"
     )
@@ -61,8 +61,9 @@ def model_card(meta: ModelMetadata, model_file: Path | None = None) -> str:
     ]
     p = meta.parity
     if p:
-        verdict = "passed" if p.get("passed") else "FAILED"
-        if p.get("passed") and p.get("conclusive") is False:
+        agreed = p.get("agreed", p.get("passed"))  # files written before "agreed" existed said it in "passed"
+        verdict = "passed" if agreed else "FAILED"
+        if agreed and p.get("conclusive") is False:
             verdict = f"{p.get('verdict')} (exported with --allow-inconclusive-parity), agreement"
         spread = f", answers spread {float(p['output_spread']):.1e} across images" if "output_spread" in p else ""
         lines.append(

@@ -62,7 +62,10 @@ class Parity:
             "min_output_spread": self.min_spread,
             "conclusive": self.conclusive,
             "verdict": self.verdict,
-            "passed": self.passed,
+            # Whether the two runtimes agreed within the threshold; "passed" is the verdict, so that a reader
+            # of the metadata who looks only at it is not told an inconclusive check passed.
+            "agreed": self.passed,
+            "passed": self.verdict == "passed",
         }
 
 

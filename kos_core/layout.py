@@ -25,6 +25,11 @@ def model_path(repository: Path, name: str, version: int, precision: str = "floa
     return repository / name / str(version) / PRECISION_FILENAMES[precision]
 
 
+def is_version(name: str) -> bool:
+    """Whether a folder name is a model version: a positive integer in ASCII digits (not "²", which int() refuses)."""
+    return name.isascii() and name.isdigit() and int(name) > 0
+
+
 def model_settings_path(repository: Path, name: str) -> Path:
     """The optional settings file of model `name`, beside its version folders."""
     return repository / name / MODEL_SETTINGS_FILE
@@ -45,9 +50,7 @@ def list_versions(repository: Path, name: str) -> list[int]:
     try:
         if not folder.is_dir():
             return []
-        return sorted(
-            int(p.name) for p in folder.iterdir() if p.name.isdigit() and int(p.name) > 0 and (p / MODEL_FILENAME).is_file()
-        )
+        return sorted(int(p.name) for p in folder.iterdir() if is_version(p.name) and (p / MODEL_FILENAME).is_file())
     except OSError:
         return []
 
@@ -98,7 +101,7 @@ def model_folder_problems(folder: Path) -> list[str]:
         if sub.is_file():
             if sub.suffix == ".onnx":
                 problems.append(f"{where} has no version folder: put it in {folder.name}/1/{MODEL_FILENAME}")
-        elif not (sub.name.isdigit() and int(sub.name) > 0):
+        elif not is_version(sub.name):
             problems.append(f"{where} is not a version folder (a whole number from 1 up): ignored")
         else:
             try:

@@ -1,4 +1,4 @@
-"""`python -m service`: serve every model in the repository."""
+"""`python -m service`: serve every model in the repository; `python -m service tune MODEL`: measure and set a model's settings."""
 
 from __future__ import annotations
 
@@ -45,6 +45,11 @@ def settings_problems(exc: ValidationError) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tune"]:
+        from .tune import main as tune
+
+        sys.exit(tune(argv[1:]))
     overrides = vars(build_parser().parse_args(argv))
     try:
         settings = Settings(**overrides)

@@ -276,15 +276,16 @@ class Batcher:
         self._update_depth()
         try:
             return await self._wait(items, deadline)
-        except BaseException as exc:
-            unstarted = [item for item in items if not item.started and not item.future.done()]
-            if isinstance(exc, DeadlineExceeded):
-                # Images of the request still queued (in later batches than the one that found it expired) never run either.
-                self._count_expired(len(unstarted))
+        except BaseException as error:
+            dropped = 0
             for item in items:
                 if not item.started:
-                    item.future.cancel()  # the batcher skips it: nothing runs for a request that is gone
+                    dropped += item.future.cancel()  # the batcher skips it: nothing runs for a request that is gone
                     self._settle(item)
+            if isinstance(error, DeadlineExceeded):
+                # The gatherer expired one of this request's images (and counted it); the siblings it had not
+                # reached yet will never run either, for the same deadline.
+                self._count_expired(dropped)
             raise
 
     def _slot_freed(self, future: asyncio.Future[Any]) -> None:

@@ -96,7 +96,11 @@ def prediction_route(scope: Scope) -> tuple[str, int | None, str] | None:
     path = scope.get("path", "")
     if path.startswith("/predict/"):
         version = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("version", [None])[0]
-        return path[len("/predict/") :], int(version) if version and version.isdigit() else None, "multipart"
+        return (
+            path[len("/predict/") :],
+            int(version) if version and version.isascii() and version.isdigit() else None,
+            "multipart",
+        )
     match = _V2_INFER.fullmatch(path)
     if match:
         return match["model"], int(match["version"]) if match["version"] else None, "v2-rest"

@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kos_core.artifact import INPUT_NAME, OUTPUT_NAME, PRECISION_FILENAMES, ModelMetadata
+from kos_core.cpus import available_cpus
 from kos_core.layout import (
     list_models,
     list_versions,
@@ -29,12 +30,13 @@ from kos_core.layout import (
     served_file,
 )
 
+from .auto_settings import choose, first_threads, has_auto, ms_per_image
 from .batcher import Batcher
 from .errors import ModelFailed, ModelNotFound, ModelNotReady
 from .metrics import Metrics
 from .model_settings import ModelSettingsError, model_settings, read_overrides
 from .runtime import Device, DeviceUnavailable, create_session, pad_size, warmup_batch_sizes
-from .settings import Settings
+from .settings import AUTO, Settings
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,11 @@ class ServedModel:
     batcher: Batcher | None = field(default=None, repr=False)
     # Loaded at start-up (True), or added to a running service by a repository scan (False).
     at_start: bool = True
-    # The service settings with this model's own settings file applied: what its sessions and batcher run with.
+    # The service settings with this model's own settings file applied and every "auto" resolved:
+    # what its sessions and batcher run with.
     settings: Settings | None = field(default=None, repr=False)
+    # Milliseconds one image took on the first session at load, when "auto" settings were resolved from it.
+    ms_per_image: float | None = None
     # The keys the model's settings file set.
     overrides: dict[str, object] = field(default_factory=dict)
 
@@ -165,15 +170,37 @@ def attach_lone_session(served: ServedModel, settings: Settings, device: Device)
 
 
 def load_model(name: str, version: int, path: Path, settings: Settings, device: Device) -> ServedModel:
-    """Load, check and warm one model version (blocking); a failure is recorded in the returned state."""
+    """Load, check and warm one model version (blocking); a failure is recorded in the returned state.
+
+    Runtime settings left at "auto" are resolved here, from the machine and the model's cost measured
+    on its first session (service/auto_settings.py); the version's `settings` hold the numbers.
+    """
     served = ServedModel(name=name, version=version, path=path, settings=settings)
     try:
-        session = create_session(path, settings, device)
+        cpus = available_cpus()
+        threads = first_threads(settings, cpus)
+        session = create_session(path, settings, device)  # "auto" threads: every core, as `first_threads` says
         metadata = ModelMetadata.from_metadata_props(session.get_modelmeta().custom_metadata_map)
         if metadata.name != name:
             log.info("%s: metadata names the model %r; it is served as %r, its folder name", path, metadata.name, name)
         check_signature(session, metadata)
         served.session, served.metadata = session, metadata
+        if has_auto(settings):
+            warm_up(served.run, 1, metadata)
+            choice = choose(settings, cpus, device.is_cuda, ms_per_image(served.run, metadata.input_shape))
+            settings = served.settings = choice.settings
+            served.ms_per_image = choice.ms_per_image
+            log.info(
+                "%s v%d: automatic settings from %s: intra_op_threads %s, inference_workers %s, lone_request_threads %s",
+                name,
+                version,
+                choice.reason,
+                settings.intra_op_threads,
+                settings.inference_workers,
+                settings.lone_request_threads,
+            )
+            if settings.intra_op_threads != threads:
+                served.session = create_session(path, settings, device)
         for size in warmup_batch_sizes(settings.max_batch_size, device):
             warm_up(served.run, size, metadata)
         if settings.lone_request_threads and not device.is_cuda:
@@ -208,7 +235,7 @@ class Registry:
         self._reported: set[str] = set()
         # True until the start-up load is done: a request for a model not loaded yet gets 503, not 404.
         self.loading = True
-        if settings.lone_request_threads and device.is_cuda:
+        if settings.lone_request_threads not in (0, AUTO) and device.is_cuda:
             log.info("lone_request_threads applies on CPU only; on CUDA every request runs on the one session")
         if settings.precision == "int8" and device.is_cuda:
             log.warning("precision=int8 on CUDA: int8 files are quantised for CPUs and may run slower on a GPU than float16")
@@ -301,7 +328,8 @@ class Registry:
             max_batch_size=max_batch,
             max_delay_s=settings.max_batch_delay_ms / 1000,
             queue_size=settings.queue_size,
-            workers=settings.inference_workers,
+            # Resolved at load (load_model); "auto" is only left where no model was loaded.
+            workers=settings.inference_workers if isinstance(settings.inference_workers, int) else 1,
             metrics=self.metrics,
             pad_to=(lambda n: pad_size(n, max_batch)) if self.device.is_cuda else None,
             decode_pool=self.decode_pool,
@@ -420,13 +448,17 @@ class Registry:
 
     def get(self, name: str, version: int | None = None) -> ServedModel:
         """The requested version, or the highest ready one, ready to run; else a 404/503 ServiceError."""
-        versions = {m.version: m for m in self.versions(name)}
+        # Every prediction asks this several times, so it reads the registry's own mapping rather than
+        # sorting a list of versions; `versions` gives the answer for a name not served.
+        if name not in self.models:
+            self.versions(name)  # raises the 404, or the 503 while the service loads its models
+        versions = self.models[name]
         if version is None:
             ready = [v for v, m in versions.items() if m.state == "ready"]
             version = max(ready) if ready else max(versions)
-        if version not in versions:
+        served = versions.get(version)
+        if served is None:
             raise ModelNotFound(f"model {name!r} has no version {version} (versions: {sorted(versions)})")
-        served = versions[version]
         if served.state == "failed":
             raise ModelFailed(
                 f"model {name!r} version {version} failed to load: an operator must fix or replace its file (GET /health says why)"

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
-from kos_core.cpus import quota_limited_cpus
+from kos_core.cpus import available_cpus, quota_limited_cpus
 
 from .machine import gpu_present
-from .settings import Settings
+from .settings import AUTO, Settings
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,11 @@ def resolve_device(device: str) -> Device:
 
 
 def create_session(
-    path: Path, settings: Settings, device: Device, intra_op_threads: int | None = None, spinning: bool | None = None
+    path: Path,
+    settings: Settings,
+    device: Device,
+    intra_op_threads: int | Literal["auto"] | None = None,
+    spinning: bool | None = None,
 ) -> ort.InferenceSession:
     """A session on `device`; raises DeviceUnavailable if a CUDA session silently fell back to CPU.
 
@@ -93,6 +98,8 @@ def create_session(
     spinning = settings.intra_op_spinning if spinning is None else spinning
     options = ort.SessionOptions()
     threads = settings.intra_op_threads if intra_op_threads is None else intra_op_threads
+    if threads == AUTO:  # not resolved yet (the registry resolves it per model): every core the process may use
+        threads = available_cpus()
     # 0 lets onnxruntime size its pool by the host's cores; in a container with a CPU quota that
     # oversubscribes what the quota allows, so it gets the quota's count instead.
     options.intra_op_num_threads = threads or quota_limited_cpus() or 0

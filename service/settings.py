@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "KOS_"
+
+AUTO: Literal["auto"] = "auto"
+# Runtime settings the service chooses per model at load when left at "auto" (service/auto_settings.py).
+Threads = Annotated[int, Field(ge=0)] | Literal["auto"]
+Workers = Annotated[int, Field(ge=1, le=64)] | Literal["auto"]
 
 
 class Settings(BaseSettings):
@@ -65,24 +70,25 @@ class Settings(BaseSettings):
         description="Most pixels (width x height, summed over its images, read from their headers) one request may carry; "
         "beyond it the request gets 413. Bounds what a request of many small but highly compressible files costs to decode.",
     )
-    intra_op_threads: int = Field(
-        0,
-        ge=0,
-        description="onnxruntime intra-op threads per session (0: onnxruntime decides, or the container's CPU quota when one is set).",
+    intra_op_threads: Threads = Field(
+        AUTO,
+        description="onnxruntime intra-op threads per session (auto: chosen per model at load, see the README's CPU "
+        "threads; 0: onnxruntime decides, or the container's CPU quota when one is set).",
     )
     inter_op_threads: int = Field(0, ge=0, description="onnxruntime inter-op threads per session (0: onnxruntime decides).")
     intra_op_spinning: bool = Field(
         False,
         description="Let onnxruntime's threads spin between runs: quicker back-to-back runs, but CPU taken from decoding and HTTP.",
     )
-    inference_workers: int = Field(1, ge=1, le=64, description="Batches one model version runs at the same time.")
-    lone_request_threads: int = Field(
-        0,
-        ge=0,
+    inference_workers: Workers = Field(
+        AUTO, description="Batches one model version runs at the same time (auto: chosen per model at load)."
+    )
+    lone_request_threads: Threads = Field(
+        AUTO,
         description="CPU only: intra-op threads of a second session that runs a request arriving at an idle model "
-        "(0: no second session). Set it to the core count when --intra-op-threads is lower, so that batches run side "
-        "by side under load and a lone request still gets every core; each model is then held in memory twice. "
-        "Its threads spin, since it runs only while its model is otherwise idle.",
+        "(0: no second session; auto: chosen per model at load). Set it to the core count when --intra-op-threads is "
+        "lower, so that batches run side by side under load and a lone request still gets every core; each model is "
+        "then held in memory twice. Its threads spin, since it runs only while its model is otherwise idle.",
     )
     decode_workers: int = Field(0, ge=0, le=256, description="Threads that decode and resize uploads (0: one per CPU core).")
     frontends: int = Field(

@@ -19,6 +19,33 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_REPOSITORY = ROOT / "models"
 
+# The slow tier, by what it needs: containers, a browser, a load balancer, TensorFlow training and
+# export, several service processes, floods and rendered manifests. `make test` runs everything;
+# `make test-fast` (pytest -m "not slow") the rest, in about a minute.
+SLOW_TESTS = (
+    "tests/browser/",
+    "tests/deploy/",
+    "tests/export/",
+    "tests/training/",
+    "tests/test_containers.py",
+    "tests/test_serve_bench.py",
+    "tests/test_train_export_serve.py",
+    "tests/service/test_frontends.py",
+    "tests/service/test_lifecycle.py",
+    "tests/service/test_rolling.py",
+    "tests/service/test_server.py",
+    "tests/service/test_v2_load.py",
+    "tests/service/test_v2_overload.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        where = item.path.relative_to(ROOT).as_posix()
+        if where.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
+
+
 # An app a test builds in-process from Settings() serves no gRPC unless the test asks for a port:
 # at the default 8001, two test runs on one machine would fight over it. A flag wins over this.
 os.environ.setdefault("KOS_GRPC_PORT", "0")

@@ -34,6 +34,13 @@ def test_bundled_model_metadata_describes_how_to_serve_it(bundled_repository, di
     measured = float((probabilities.argmax(1) == digits_test_split.y).mean())
     assert abs(meta.metrics["test_accuracy"] - measured) < 1e-6
     assert {"tensorflow", "tf2onnx", "onnx"} <= set(meta.versions)
+    # The parity check proved something: the held-out images move the answers.
+    assert meta.parity["verdict"] == "passed" and meta.parity["conclusive"] is True
+
+
+def test_bundled_model_names_its_batch_dimension(bundled_repository):
+    session = ort.InferenceSession(str(model_path(bundled_repository, "digits", 1)), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch" and session.get_outputs()[0].shape[0] == "batch"
 
 
 def test_bundled_model_takes_uint8_images_with_a_dynamic_batch(bundled_repository):

@@ -167,6 +167,8 @@ def test_compose_settings_are_service_settings_with_valid_defaults():
             field = variable.removeprefix("KOS_").lower()
             assert field in fields, f"{name}: {variable} is not a setting of python -m service"
             assert field not in ("host", "port", "repository"), f"{name}: {variable} is fixed by the image"
+            if value is None:
+                continue  # passed through from the environment when set, absent otherwise: no default to check
             default = re.fullmatch(r"\$\{" + re.escape(variable) + r":-(.*)\}", str(value))
             values[field] = default.group(1) if default else str(value)
         Settings(**values)  # every default is one the service accepts

@@ -93,7 +93,7 @@ def element_count(shape: Sequence[int]) -> int:
 
 
 def check_datatype(name: str, datatype: Any) -> str:
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r} (one of {', '.join(sorted(DATATYPES))})")
     return str(datatype)
 
@@ -217,7 +217,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     if header_length is None:
         length = len(body)
     else:
-        if not header_length.strip().isdigit():
+        if not (header_length.strip().isascii() and header_length.strip().isdigit()):
             raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, not {header_length!r}")
         length = int(header_length)
         if length > len(body):

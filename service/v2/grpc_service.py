@@ -128,7 +128,7 @@ def infer_response(
 def _version(text: str) -> int | None:
     if text == "":
         return None
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise InvalidInput(f"model_version must be a positive integer, not {text!r}")
     return int(text)
 

@@ -9,7 +9,7 @@ into runs of up to the service's `max_batch_size` (`dynamic_batching.preferred_b
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from kos_core.artifact import INPUT_NAME, OUTPUT_NAME
 
@@ -38,7 +38,8 @@ class BatchingSettings(Protocol):
     queue_size: int
     request_timeout_s: float
     max_files_per_request: int
-    inference_workers: int
+    # A number once a model is loaded; "auto" only in service-wide settings no model has resolved.
+    inference_workers: int | Literal["auto"]
 
 
 def server_metadata() -> dict[str, Any]:

@@ -108,7 +108,7 @@ Version = Annotated[str, Path(description="Model version, a positive integer.", 
 def _version(version: str | None) -> int | None:
     if version is None or version == "":
         return None
-    if not version.isdigit() or int(version) < 1:
+    if not (version.isascii() and version.isdigit()) or int(version) < 1:
         raise InvalidInput(f"version must be a positive integer, not {version!r}")
     return int(version)
 

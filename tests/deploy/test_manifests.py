@@ -33,9 +33,6 @@ KSERVE_EXAMPLES = sorted((DEPLOY / "kserve" / "examples").glob("*.yaml"))
 IMAGE = "ghcr.io/keras-onnx-serve/keras-onnx-serve"
 LIVENESS_ROUTES = {"/livez", "/v2/health/live"}
 READINESS_ROUTES = {"/health", "/v2/health/ready"}
-# Settings the manifests use that the service side of the same change adds; until they exist in
-# service/settings.py the settings check skips and names them, and any other unknown name fails.
-PENDING_SETTINGS = {"grpc_port", "model_name", "drain_delay_s"}
 
 needs_renderer = pytest.mark.skipif(
     renderer() is None, reason="no kustomize v5 (kubectl kustomize): run scripts/install-kustomize.sh"
@@ -185,10 +182,7 @@ def test_every_setting_the_manifests_give_is_a_setting_of_the_service(overlays, 
     for runtime in runtimes:
         used |= _used_settings(runtime_env(runtime))
     unknown = used - set(Settings.model_fields)
-    assert unknown <= PENDING_SETTINGS, f"not settings of the service: {sorted(unknown - PENDING_SETTINGS)}"
-    if unknown:
-        pytest.skip(f"service/settings.py does not have {sorted(unknown)} yet (the service side of this change)")
-    assert used <= set(Settings.model_fields)
+    assert not unknown, f"not settings of the service: {sorted(unknown)}"
 
 
 @needs_renderer

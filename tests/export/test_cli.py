@@ -154,6 +154,7 @@ def test_a_model_whose_output_ignores_its_input_is_refused_unless_asked_and_then
     assert "parity     inconclusive: the model's output does not depend on its input" in allowed.stdout
     meta = read_metadata(repository / "random" / "1" / "model.onnx")
     assert meta.parity["verdict"] == "inconclusive: the model's output does not depend on its input"
+    assert meta.parity["agreed"] is True and meta.parity["passed"] is False, "agreement on it proved nothing"
     assert meta.parity["conclusive"] is False and meta.parity["output_spread"] < meta.parity["min_output_spread"]
     shown = _run("show", str(repository / "random"))
     assert "inconclusive" in shown.stdout

@@ -275,3 +275,69 @@ async def test_a_request_over_its_pixel_budget_is_413_and_a_memory_error_503_and
             assert (await client.post("/predict/digits", files=[("files", ("b.png", big, "image/png"))])).status_code == 200
             metrics = (await client.get("/metrics")).text
     assert metric_value(metrics, "kos_images_total", model="digits") == 1, "only the last request ran"
+
+
+async def test_a_request_that_meets_a_replaced_version_goes_to_the_new_one_and_gives_up_after_three_swaps(
+    tmp_path, exported, digits_test_split
+):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.dataplane import DataPlane, Deadline
+    from service.errors import InferenceFailed
+
+    repository = make_repository(tmp_path, {"digits": exported["digits"]})
+    settings = Settings(repository=repository, watch_interval_s=0)
+    registry = Registry(settings, resolve_device("cpu"), Metrics())
+    registry.load_all()
+    registry.start()
+    fresh = registry.get("digits")
+    # A second, real version of the same file whose batcher a swap has closed while a request was on its way.
+    replaced = registry._load("digits", 1)
+    registry._attach_batcher(replaced)
+    await replaced.batcher.close()
+    answers = [replaced, fresh]
+    registry.get = lambda name, version=None: answers.pop(0) if len(answers) > 1 else answers[0]  # type: ignore[method-assign]
+    with ThreadPoolExecutor(2) as pool:
+        dataplane = DataPlane(settings, registry, Metrics(), pool)
+        images = digits_test_split.x[:3]
+        result = await dataplane.classify_tensor("digits", None, images, Deadline(time.monotonic()), "test")
+        expected = fresh.run(images)
+        np.testing.assert_allclose(result.probabilities, expected, atol=1e-6)
+        registry.get = lambda name, version=None: replaced  # type: ignore[method-assign]
+        with pytest.raises(InferenceFailed, match="replaced 3 times"):
+            await dataplane.classify_tensor("digits", None, images, Deadline(time.monotonic()), "test")
+    await replaced.close()
+    await registry.close()
+
+
+async def test_a_failing_repository_scan_is_logged_and_the_next_scan_still_serves_what_was_added(tmp_path, exported, caplog):
+    import asyncio
+    import contextlib
+
+    repository = make_repository(tmp_path / "models", {"digits": exported["digits"]})
+    registry = Registry(Settings(repository=repository, watch_interval_s=0), resolve_device("cpu"), Metrics())
+    registry.load_all()
+    registry.start()
+    real_scan, failures = registry._scan, [OSError("the volume went away for a moment")]
+
+    def flaky_scan():
+        if failures:
+            raise failures.pop()
+        return real_scan()
+
+    registry._scan = flaky_scan  # type: ignore[method-assign]
+    make_repository(repository, {"rgb": exported["rgb"]})
+    watcher = asyncio.create_task(registry.watch(0.05))
+    try:
+        for _ in range(200):
+            if "rgb" in registry.models and registry.models["rgb"][1].state == "ready":
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    assert "scanning the model repository" in caplog.text and "the volume went away" in caplog.text
+    assert registry.get("rgb").state == "ready" and registry.get("digits").state == "ready"
+    await registry.close()

@@ -319,3 +319,80 @@ async def test_deadlines_follow_the_injected_clock(make_batcher, digits_run):
     with pytest.raises(DeadlineExceeded):
         await batcher.infer(images(1), 999.0)
     assert len(await batcher.infer(images(1), 1001.0)) == 1
+
+
+async def test_when_the_gatherer_expires_one_image_of_a_request_its_unreached_siblings_are_counted_too(make_batcher, digits_run):
+    now = [1000.0]
+    digits_run.gate.clear()
+    batcher = make_batcher(digits_run, max_batch_size=1, clock=lambda: now[0])
+    blocker = asyncio.ensure_future(batcher.submit(images(1), 5000.0))
+    await asyncio.sleep(0.2)  # the only worker is taken: the three images below wait in the queue
+    request = asyncio.ensure_future(batcher.submit(images(3, seed=1), 1500.0))
+    await asyncio.sleep(0.2)
+    now[0] = 2000.0  # past the request's deadline on the batcher's clock; its own wait has not timed out
+    digits_run.gate.set()
+    with pytest.raises(DeadlineExceeded):
+        await request
+    await blocker
+    text = batcher._metrics.render().decode()
+    assert metric_value(text, "kos_deadline_expired_images_total", model="digits") == 3
+    assert len(digits_run.batches) == 1, "none of the three ran"
+
+
+class ConcurrencyProbe:
+    """A batch function that records how many batches ran at the same time."""
+
+    def __init__(self, run: DigitsRun, seconds: float):
+        self.run, self.seconds = run, seconds
+        self.lock = threading.Lock()
+        self.now = self.most = 0
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            time.sleep(self.seconds)
+            return self.run(images)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+async def test_several_workers_run_that_many_batches_at_once_and_no_more(make_batcher, digits_run, workers):
+    probe = ConcurrencyProbe(digits_run, 0.2)
+    batcher = make_batcher(probe, max_batch_size=1, workers=workers)
+    rows = await asyncio.gather(*(batcher.submit(images(1, seed=i), later(30)) for i in range(6)))
+    assert probe.most == workers
+    expected = digits_run.session.run(["probabilities"], {"image": np.concatenate([images(1, seed=i) for i in range(6)])})[0]
+    np.testing.assert_allclose(np.concatenate(rows), expected, atol=1e-6)
+
+
+async def test_a_bad_file_cancels_the_decodes_of_its_siblings_not_yet_started():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.errors import UnsupportedImage
+
+    decoded: list[int] = []
+
+    def bad() -> np.ndarray:
+        raise UnsupportedImage("bad.png: not a readable image")
+
+    def slow(i: int) -> Callable[[], np.ndarray]:
+        def decode() -> np.ndarray:
+            time.sleep(0.05)
+            decoded.append(i)
+            return images(1, seed=i)[0]
+
+        return decode
+
+    from service.batcher import decode_all
+
+    with ThreadPoolExecutor(max_workers=1) as pool:  # one thread: the siblings wait their turn behind the bad file
+        with pytest.raises(UnsupportedImage):
+            await decode_all(pool, [slow(0), bad, *(slow(i) for i in range(1, 20))])
+        # The cancellations reach the pool on the loop's next turns, as they do in the running service
+        # (leaving the `with` at once would block the loop in the pool's shutdown first).
+        await asyncio.sleep(0.2)
+    assert decoded[:1] == [0] and len(decoded) <= 2, f"siblings after the bad file were decoded: {decoded}"

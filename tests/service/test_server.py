@@ -175,6 +175,8 @@ def test_every_client_error_is_json_with_a_detail(mixed_server):
     cases = [
         (httpx.post(f"{url}/predict/cats", files=one), 404, "cats"),
         (httpx.post(f"{url}/predict/digits?version=9", files=one), 404, "version 9"),
+        # A superscript two: a digit to str.isdigit(), no number to int().
+        (httpx.post(f"{url}/predict/digits?version=\u00b2", files=one), 422, "version"),
         (httpx.post(f"{url}/predict/digits", files=[("files", ("notes.txt", b"hello", "text/plain"))]), 415, "notes.txt"),
         (httpx.post(f"{url}/predict/digits", data={"x": "1"}), 422, "files"),
         (httpx.post(f"{url}/predict/digits?top_k=0", files=one), 422, "top_k"),

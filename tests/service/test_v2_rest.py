@@ -223,6 +223,18 @@ BAD_REQUESTS = {
     ),
     "empty batch": (*_binary_request(_image_header([0, 8, 8, 1], size=0), b""), 400, "batch dimension is 0"),
     "too many images": (*_binary_request(_image_header([65, 8, 8, 1], size=65 * 64), bytes(65 * 64)), 400, "limit of 64"),
+    "datatype not a string": (
+        *_binary_request({"inputs": [{"name": "image", "datatype": ["UINT8"], "shape": [1], "data": [1]}]}, b""),
+        400,
+        "unknown datatype",
+    ),
+    # A superscript two is a digit to str.isdigit() and no number to int().
+    "header length not a number": (
+        _binary_request(_image_header([1, 8, 8, 1]), bytes(64))[0],
+        {"Inference-Header-Content-Length": "\u00b2".encode("latin-1")},
+        400,
+        "must be a non-negative integer",
+    ),
 }
 
 
@@ -236,6 +248,14 @@ def test_each_bad_input_is_a_clear_error_and_the_service_stays_healthy(bundled_s
     assert client.is_server_ready()
     image = decoded(example_digits()[2][2])[None]
     assert int(client.infer("digits", [_input(image)]).as_numpy("probabilities").argmax()) == 2
+
+
+@pytest.mark.parametrize("route", ["", "/ready", "/config", "/infer"])
+def test_a_version_that_is_no_number_is_a_400_on_every_versioned_route(bundled_server, route):
+    url = f"{bundled_server.url}/v2/models/digits/versions/\u00b2{route}"
+    response = httpx.post(url, json={}) if route == "/infer" else httpx.get(url)
+    assert response.status_code == 400, response.text
+    assert "version must be a positive integer" in response.json()["error"]
 
 
 def test_an_oversized_body_is_413_in_the_protocols_shape(start_server, bundled_repository):
