@@ -397,10 +397,12 @@ class MirrorRegistry(Registry):
     def _mirror(self, entry: dict[str, Any]) -> MirroredModel:
         name, version = entry["name"], entry["version"]
         overrides: dict[str, object] = entry["overrides"]
-        try:
-            settings: Settings | None = model_settings(self.settings, overrides, f"{name}/settings.toml")
-        except ModelSettingsError:
-            settings = None
+        settings: Settings | None = None
+        if entry.get("settings") is not None:
+            settings = Settings.model_validate(entry["settings"])
+        else:
+            with contextlib.suppress(ModelSettingsError):
+                settings = model_settings(self.settings, overrides, f"{name}/settings.toml")
         mirrored = MirroredModel(
             name=name,
             version=version,
@@ -413,6 +415,7 @@ class MirrorRegistry(Registry):
             overrides=overrides,
             mirrored_providers=list(entry["providers"]),
             generation=entry["generation"],
+            ms_per_image=entry.get("ms_per_image"),
         )
         if mirrored.state == "ready" and mirrored.metadata is not None:
             remote = RemoteBatcher(self.link, self.board, mirrored, entry["slot"], self.metrics, self._decode_pool)

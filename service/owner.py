@@ -55,6 +55,9 @@ def snapshot_of(registry: Registry, slots: dict[ServedModel, tuple[int, int]]) -
                 "providers": served.providers,
                 "metadata": served.metadata.model_dump(mode="json") if served.metadata else None,
                 "overrides": served.overrides,
+                # The settings in force, "auto" resolved at load: what /models and ModelConfig show.
+                "settings": served.settings.model_dump(mode="json") if served.settings else None,
+                "ms_per_image": served.ms_per_image,
                 "at_start": served.at_start,
                 "slot": slot,
                 "generation": generation,

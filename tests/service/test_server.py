@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from kos_core.layout import model_path
-from tests.conftest import ROOT, LiveServer, free_port, onnx_predict
+from tests.conftest import ROOT, LiveServer, free_port, load_benchmark, onnx_predict
 from tests.service.conftest import SHAPES, make_repository, metric_value, png_bytes, post_many, shape
 
 
@@ -578,19 +578,19 @@ async def test_a_client_that_goes_away_mid_upload_is_counted_499_not_as_a_server
 # --- overload, deadlines and clients that go away (issue 16), in both shapes ---------------------
 
 
-async def _closed_loop(url: str, files: list[tuple], clients: int, seconds: float) -> dict[int, int]:
-    """`clients` clients, each sending its next request as soon as the last is answered, for `seconds`; statuses."""
+async def _closed_loop(port: int, path: str, files: list[tuple], clients: int, seconds: float) -> dict[int, int]:
+    """`clients` connections, each sending its next request as soon as the last is answered, for `seconds`: statuses.
+
+    The client of benchmarks/overload_bench.py: plain sockets and the request's bytes built once, so that
+    the flood costs this machine far less than the service it floods (0: a connection that failed).
+    """
+    bench = load_benchmark("overload_bench")
+    request = httpx.Request("POST", f"http://127.0.0.1:{port}{path}", files=files)
+    raw = f"POST {path} HTTP/1.1\r\n".encode()
+    raw += "".join(f"{k}: {v}\r\n" for k, v in request.headers.items()).encode() + b"\r\n" + request.read()
     statuses: dict[int, int] = {}
-    until = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-
-        async def one() -> None:
-            while time.monotonic() < until:
-                status = (await client.post(url, files=files)).status_code
-                statuses[status] = statuses.get(status, 0) + 1
-
-        await asyncio.gather(*(one() for _ in range(clients)))
+    for status, _ in await bench.flood("127.0.0.1", port, raw, clients, seconds):
+        statuses[status] = statuses.get(status, 0) + 1
     return statuses
 
 
@@ -619,7 +619,7 @@ async def test_under_a_deadline_flood_only_live_images_hold_queue_places_and_eve
 
     sampler = asyncio.ensure_future(sample())
     try:
-        statuses = await _closed_loop(f"{server.url}/predict/slow", _slow_bodies(1)[0], 200, 4.0)
+        statuses = await _closed_loop(server.port, "/predict/slow", _slow_bodies(1)[0], 200, 4.0)
     finally:
         done.set()
         await sampler
@@ -673,10 +673,9 @@ async def test_a_full_queue_is_refused_before_the_body_is_read(tmp_path, start_s
         "0",
         *shape(frontends),
     )
-    url = f"{server.url}/predict/slow"
     # Clients that keep the queue full: each sends its next two images as soon as it is answered.
     two = _slow_bodies(2)
-    flood = asyncio.ensure_future(_closed_loop(url, two[0] + two[1], 8, 8.0))
+    flood = asyncio.ensure_future(_closed_loop(server.port, "/predict/slow", two[0] + two[1], 8, 8.0))
     await asyncio.sleep(1.0)
     head = (
         f"POST /predict/slow HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
