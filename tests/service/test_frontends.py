@@ -383,7 +383,7 @@ def test_on_one_cpu_the_default_is_one_process():
     # One CPU in the process's affinity, as in a container with a quota of 1 CPU.
     port = free_port()
     process = subprocess.Popen(
-        ["taskset", "-c", "0", sys.executable, "-m", "service", "--port", str(port), "--grpc-port", "0"]
+        ["taskset", "-c", "0", sys.executable, "-m", "service", "--port", str(port), "--grpc-port", "0", "--frontends", "0"]
         + ["--repository", str(BUNDLED_REPOSITORY), "--watch-interval-s", "0"],
         cwd=ROOT,
         stderr=subprocess.PIPE,
