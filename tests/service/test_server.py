@@ -679,12 +679,13 @@ async def test_a_full_queue_is_refused_before_the_body_is_read(tmp_path, start_s
     await asyncio.sleep(1.0)
     head = (
         f"POST /predict/slow HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-        f"Content-Length: {100_000_000}\r\n\r\n"
+        f"Content-Length: {40_000_000}\r\n\r\n"
     ).encode()
     part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
     answers = []
     for _ in range(40):
-        # Headers, and a sliver of a body that says it is 100 MB: only an answer given before reading it can come.
+        # Headers, and a sliver of a body that says it is 40 MB (under the 50 MiB upload limit, so no 413): only an
+        # answer given before reading it can come.
         with socket.create_connection(("127.0.0.1", server.port), timeout=1.5) as s:
             started = time.monotonic()
             s.sendall(head + part + b"\0" * 1000)
@@ -700,7 +701,7 @@ async def test_a_full_queue_is_refused_before_the_body_is_read(tmp_path, start_s
     answer, seconds = answers[-1]
     assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
     assert b"retry-after: " in answer.lower() and b"queue" in answer
-    print(f"503 for a 100 MB body with 1 kB sent, after {seconds * 1000:.1f} ms")
+    print(f"503 for a 40 MB body with 1 kB sent, after {seconds * 1000:.1f} ms")
 
 
 @SHAPES
