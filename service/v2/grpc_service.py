@@ -21,6 +21,8 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
+from kos_core.layout import is_version
+
 from ..dataplane import DataPlane, Deadline
 from ..errors import ServiceError, ServiceUnavailable, Unauthorized
 from ..listening import listeners_on, quiesce
@@ -128,7 +130,7 @@ def infer_response(
 def _version(text: str) -> int | None:
     if text == "":
         return None
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+    if not is_version(text):
         raise InvalidInput(f"model_version must be a positive integer, not {text!r}")
     return int(text)
 

@@ -15,6 +15,7 @@ from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 
 from kos_core.artifact import INPUT_NAME, OUTPUT_NAME
+from kos_core.layout import is_version
 
 from ..dataplane import Deadline
 from ..errors import (
@@ -108,7 +109,7 @@ Version = Annotated[str, Path(description="Model version, a positive integer.", 
 def _version(version: str | None) -> int | None:
     if version is None or version == "":
         return None
-    if not (version.isascii() and version.isdigit()) or int(version) < 1:
+    if not is_version(version):
         raise InvalidInput(f"version must be a positive integer, not {version!r}")
     return int(version)
 

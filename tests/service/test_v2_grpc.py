@@ -165,6 +165,12 @@ def test_each_bad_input_is_its_grpc_status_and_the_service_stays_healthy(client,
             "10 classes",
         ),
         "unknown model": (lambda: client.infer("cats", [_input(image)]), "NOT_FOUND", "cats"),
+        # A superscript two: a digit to str.isdigit(), no number to int().
+        "version not a number": (
+            lambda: client.infer("digits", [_input(image)], model_version="\u00b2"),
+            "INVALID_ARGUMENT",
+            "model_version must be a positive integer",
+        ),
     }
     for name, (call, code, words) in cases.items():
         status, message = _code(call)
