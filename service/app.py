@@ -14,6 +14,7 @@ from kos_core.cpus import available_cpus
 
 from .dataplane import DataPlane
 from .errors import install_error_handlers
+from .fastpredict import FastPredict
 from .lifecycle import Lifecycle, ModelStateCollector
 from .metrics import Metrics
 from .middleware import BodySizeLimit, PredictionGate
@@ -104,7 +105,9 @@ def create_app(
     app.include_router(v2_rest.public)
     app.include_router(v2_rest.models, dependencies=[Depends(require_api_key)] if settings.api_key else None)
     # The last added runs first: CORS answers pre-flights and decorates every answer, the gate refuses
-    # early and sees every status (413 included), the size limit sits right in front of the body parser.
+    # early and sees every status (413 included), the size limit sits right in front of the body
+    # parsers: the fast path's for the common upload (service/fastpredict.py), then the routes'.
+    app.add_middleware(FastPredict, dataplane=dataplane, api_key=settings.api_key)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(PredictionGate, dataplane=dataplane, api_key=settings.api_key)
     if settings.cors_origin_list:

@@ -131,8 +131,13 @@ def error_responses(*errors: type[ServiceError]) -> dict[int | str, dict[str, An
 
 
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    return service_error_response(exc, request.method, request.url.path)
+
+
+def service_error_response(exc: ServiceError, method: str, path: str) -> JSONResponse:
+    """The answer to a ServiceError: `{"detail": ...}` with its status and headers; server faults are logged."""
     if exc.status_code >= 500 and not isinstance(exc, (ServiceUnavailable, DeadlineExceeded)):
-        log.error("%s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc.detail)
+        log.error("%s on %s %s: %s", type(exc).__name__, method, path, exc.detail)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
@@ -161,8 +166,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    # The cause goes to the log, never to the client.
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return unexpected_error_response(request.method, request.url.path)
+
+
+def unexpected_error_response(method: str, path: str) -> JSONResponse:
+    """The answer to a bug, called while its exception is handled: the cause goes to the log, never to the client."""
+    log.exception("unhandled error on %s %s", method, path)
     return JSONResponse({"detail": "internal server error"}, status_code=500)
 
 

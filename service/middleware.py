@@ -203,7 +203,7 @@ class PredictionGate:
         self, scope: Scope, name: str, version: int | None, protocol: str
     ) -> tuple[Response | None, Callable[[], None] | None]:
         """The answer that refuses the request now, or what gives back the queue place its admission holds."""
-        if scope.get("method") != "POST" or not self._authorised(scope):
+        if scope.get("method") != "POST" or not authorised(dict(scope["headers"]), self.api_key):
             return None, None
         try:
             return None, self.dataplane.hold(name, version, 1)
@@ -211,12 +211,14 @@ class PredictionGate:
             body = {"error": exc.detail} if protocol == "v2-rest" else {"detail": exc.detail}
             return JSONResponse(body, status_code=exc.status_code, headers=exc.headers), None
 
-    def _authorised(self, scope: Scope) -> bool:
-        if not self.api_key:
-            return True
-        headers = dict(scope["headers"])
-        given = headers.get(b"x-api-key")
-        if given is None:
-            bearer = headers.get(b"authorization", b"")
-            given = bearer[7:] if bearer[:7].lower() == b"bearer " else None
-        return given is not None and hmac.compare_digest(given, self.api_key.encode())
+
+def authorised(headers: dict[bytes, bytes], api_key: str | None) -> bool:
+    """Whether a request with these headers may use the protected routes: no key configured, or the right one given."""
+    if not api_key:
+        return True
+    given = headers.get(b"x-api-key")
+    if given is None:
+        bearer = headers.get(b"authorization", b"")
+        given = bearer[7:] if bearer[:7].lower() == b"bearer " else None
+    # Constant-time comparison: the answer's timing must not reveal how much of the key matched.
+    return given is not None and hmac.compare_digest(given, api_key.encode())

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Path, Query, Request, Security, UploadFile
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import Scope
 
 from .dataplane import Classification, DataPlane, Deadline, EncodedImage
 from .errors import (
@@ -114,10 +115,18 @@ async def predict_route(
     top_k: Annotated[int, Query(ge=1, description="How many classes to return per image (capped at the number of classes).")] = 5,
     version: Annotated[int | None, Query(ge=1, description="Model version; the highest ready one when left out.")] = None,
 ) -> Response:
+    # The common upload is answered before it reaches this route (service/fastpredict.py), by the same `predict`.
     dataplane: DataPlane = request.app.state.dataplane
-    dataplane.admit(model, version, len(files))
     images = [EncodedImage(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
-    deadline = Deadline(request.scope.get(ARRIVAL_KEY, time.monotonic()))
+    return await predict(dataplane, model, version, images, top_k, request.scope)
+
+
+async def predict(
+    dataplane: DataPlane, model: str, version: int | None, images: list[EncodedImage], top_k: int, scope: Scope
+) -> Response:
+    """Classify one request's uploaded images and build its answer; raises a ServiceError."""
+    dataplane.admit(model, version, len(images))
+    deadline = Deadline(scope.get(ARRIVAL_KEY, time.monotonic()))
     result = await dataplane.classify_files(model, version, images, deadline, protocol="multipart")
     # Serialised straight from the model we built, rather than validated again against
     # `response_model` (which still documents the shape): that is a fair share of a request's CPU.
