@@ -119,6 +119,7 @@ class Batcher:
         pad_to: Callable[[int], int] | None = None,
         run_lone: Callable[[np.ndarray], np.ndarray] | None = None,
         decode_pool: Executor | None = None,
+        thread_setup: Callable[[], None] | None = None,
         clock: Clock = time.monotonic,
     ):
         self._run_batch = run
@@ -133,7 +134,10 @@ class Batcher:
         self._queue: asyncio.Queue[_Item | _Stop] = (
             asyncio.Queue()
         )  # bounded by `queue_size` in submit(), so the stop mark always fits
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"infer-{name}-{version}")
+        # `thread_setup` runs first on each inference thread (the service lowers their priority there).
+        self._executor = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix=f"infer-{name}-{version}", initializer=thread_setup
+        )
         self._slots = asyncio.Semaphore(workers)  # batches and lone runs alike: one per inference thread
         self._waiting = 0  # queued images not started and not given up
         self._incoming = 0  # announced images still being decoded

@@ -8,6 +8,7 @@ then swaps it in; the old version's batcher finishes what it has queued.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -35,7 +36,7 @@ from .batcher import Batcher
 from .errors import ModelFailed, ModelNotFound, ModelNotReady
 from .metrics import Metrics
 from .model_settings import ModelSettingsError, model_settings, read_overrides
-from .runtime import Device, DeviceUnavailable, create_session, pad_size, warmup_batch_sizes
+from .runtime import Device, DeviceUnavailable, create_session, lower_thread_priority, pad_size, warmup_batch_sizes
 from .settings import AUTO, Settings
 
 log = logging.getLogger(__name__)
@@ -333,6 +334,7 @@ class Registry:
             metrics=self.metrics,
             pad_to=(lambda n: pad_size(n, max_batch)) if self.device.is_cuda else None,
             decode_pool=self.decode_pool,
+            thread_setup=functools.partial(lower_thread_priority, settings.inference_nice),
         )
         served.batcher.start()
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -16,6 +20,7 @@ from .machine import gpu_present
 from .settings import AUTO, Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -111,7 +116,10 @@ def create_session(
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
     # onnxruntime logs a loud warning when CUDA libraries are missing; the device is reported in /health.
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=options, providers=list(device.providers))
+    session = at_lower_priority(
+        settings.inference_nice,
+        lambda: ort.InferenceSession(str(path), sess_options=options, providers=list(device.providers)),
+    )
     got = session.get_providers()
     if device.is_cuda and CUDA not in got:
         raise DeviceUnavailable(f"onnxruntime could not start CUDA for {path} (got {got})")
@@ -138,3 +146,45 @@ def padded_sizes(max_batch_size: int) -> list[int]:
 def pad_size(size: int, max_batch_size: int) -> int:
     """The smallest warmed batch size that holds `size` images."""
     return next(s for s in padded_sizes(max_batch_size) if s >= size)
+
+
+def lower_thread_priority(increment: int) -> None:
+    """Lower the calling thread's CPU priority `increment` nice steps below the process's (Linux; elsewhere nothing).
+
+    Inference threads run below the event loops, which parse requests, answer refusals and feed
+    the batches: when the cores are short, HTTP goes first and batches take what is left (and
+    grow), rather than every connection waiting behind a batch. Raising a thread's nice value needs
+    no privilege, and the threads it starts inherit it.
+    """
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return
+    try:
+        base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, base + increment))
+    except OSError as exc:  # a sandbox that forbids it: serve at equal priority
+        log.warning("could not lower the inference threads' priority: %s", exc)
+
+
+def at_lower_priority(increment: int, make: Callable[[], T]) -> T:
+    """`make()` on a new thread at lower priority, so that the threads it starts (onnxruntime's pool) inherit it.
+
+    A new thread each time, since an unprivileged thread cannot raise its priority back.
+    """
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return make()
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        lower_thread_priority(increment)
+        try:
+            outcome.append(make())
+        except BaseException as exc:  # handed to the caller's thread below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="session-create")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]

@@ -90,6 +90,14 @@ class Settings(BaseSettings):
         "lower, so that batches run side by side under load and a lone request still gets every core; each model is "
         "then held in memory twice. Its threads spin, since it runs only while its model is otherwise idle.",
     )
+    inference_nice: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="Linux only: how many nice steps below the event loops the inference threads (and onnxruntime's) "
+        "run, so that when the cores are short, parsing requests, refusing with 503 and feeding the batches go first "
+        "(0: the same priority).",
+    )
     decode_workers: int = Field(0, ge=0, le=256, description="Threads that decode and resize uploads (0: one per CPU core).")
     frontends: int = Field(
         1,

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from kos_core.layout import model_path
-from tests.conftest import ROOT, LiveServer, free_port, load_benchmark, onnx_predict
+from tests.conftest import BUNDLED_REPOSITORY, ROOT, LiveServer, free_port, load_benchmark, onnx_predict
 from tests.service.conftest import SHAPES, make_repository, metric_value, png_bytes, post_many, shape
 
 
@@ -739,3 +739,44 @@ async def test_a_client_that_hangs_up_while_its_request_waits_has_its_images_nev
     assert metric_value(text, "kos_queue_depth", model="slow") == 0
     assert metric_value(text, "kos_images_total", model="slow") < 8
     assert httpx.post(f"{server.url}/predict/slow", files=bodies[0], timeout=60).status_code == 200
+
+
+def _nice_by_thread(pid: int) -> dict[int, int]:
+    """Each thread of `pid` and its nice value, from /proc."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        found[int(task.name)] = int(fields[16])
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are set on Linux only")
+@pytest.mark.parametrize("nice", [0, 7])
+def test_inference_threads_run_below_the_event_loop_by_inference_nice(start_server, digit_pngs, nice):
+    # Two intra-op threads: onnxruntime starts a pool thread of its own, which must inherit the priority too.
+    server = start_server(
+        BUNDLED_REPOSITORY,
+        "--inference-nice",
+        str(nice),
+        "--intra-op-threads",
+        "2",
+        "--inference-workers",
+        "2",
+        "--lone-request-threads",
+        "0",
+    )
+    before = _nice_by_thread(server.process.pid)
+    path, _ = digit_pngs[0]
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for _ in range(4):  # the inference threads are started on demand
+            assert client.post("/predict/digits", files={"files": (path.name, path.read_bytes(), "image/png")}).status_code == 200
+    threads = _nice_by_thread(server.process.pid)
+    assert threads[server.process.pid] == 0, "the event loop's thread keeps the process's priority"
+    lowered = [tid for tid, value in threads.items() if value == nice and tid != server.process.pid]
+    if nice == 0:
+        assert set(threads.values()) == {0}
+    else:
+        assert set(threads.values()) <= {0, nice}
+        # onnxruntime's pool thread (started with the session) and at least one inference worker (started by the requests).
+        assert len([t for t in lowered if t in before]) >= 1, threads
+        assert len([t for t in lowered if t not in before]) >= 1, threads

@@ -64,6 +64,7 @@ def test_every_setting_is_a_flag_that_reaches_the_settings():
         "intra_op_spinning": "true",
         "inference_workers": "2",
         "lone_request_threads": "4",
+        "inference_nice": "7",
         "decode_workers": "3",
         "frontends": "2",
         "api_key": "k",
