@@ -341,3 +341,14 @@ async def test_a_failing_repository_scan_is_logged_and_the_next_scan_still_serve
     assert "scanning the model repository" in caplog.text and "the volume went away" in caplog.text
     assert registry.get("rgb").state == "ready" and registry.get("digits").state == "ready"
     await registry.close()
+
+
+def test_fastapis_opentelemetry_is_on_only_where_the_environment_configures_an_exporter(monkeypatch, bundled_repository):
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_LOGS_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings(repository=bundled_repository, watch_interval_s=0)
+    quiet = create_app(settings, resolve_device("cpu"))
+    assert not quiet._native_telemetry.enabled(), "no exporter configured: FastAPI records nothing and asks nothing"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
+    traced = create_app(settings, resolve_device("cpu"))
+    assert traced._telemetry["tracing"] and traced._telemetry["metrics"] and traced._telemetry["logs"]
