@@ -56,6 +56,9 @@ class Lifecycle:
             return False, "draining: shutting down, requests in flight are still answered"
         if self.phase == "loading":
             return False, "loading the models found at start-up"
+        unavailable = self.registry.unavailable()
+        if unavailable is not None:
+            return False, unavailable
         models = self.registry.all()
         if not any(m.state == "ready" for m in models):
             return False, "no model has a ready version" if models else "no model is served"

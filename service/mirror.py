@@ -8,6 +8,12 @@ process, writes them into this front end's shared-memory arena, and asks the own
 `check_room()` reads the owner's queue from the board, so a full queue is refused before the
 request's body is read. While the owner is away, every prediction, /health and /models/{model}
 answer 503 with Retry-After, and the requests it held fail with the same 503 at once.
+
+Front ends share one listening socket: a request a load balancer sends because one front end
+answered /health 200 may be taken by any of them. So a front end answers ready only when every
+front end of the service forwards predictions to the owner, as the owner's snapshots list them
+(each front end tells the owner once it can, over its control connection); until then a front end
+that has just started, or has not reconnected to a new owner yet, would answer predictions 503.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class OwnerLink:
 
     def __init__(self, folder: RunFolder, index: int, on_snapshot: Callable[[Message], None]):
         self.folder = folder
+        self.index = index
         self.arena_path = folder.arena(index)
         self.arena = Mapping(self.arena_path)
         self.allocator = Allocator(self.arena.size)
@@ -77,6 +84,7 @@ class OwnerLink:
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._ids = itertools.count(1)
         self._was_up = False
+        self._announced = False  # told the owner on this connection that predictions go through it
 
     def _hello(self) -> bytes:
         return channel.encode({"op": "hello", "id": 0, "arena": self.arena_path.name})
@@ -108,7 +116,9 @@ class OwnerLink:
                 else:
                     reader, writer = await asyncio.open_unix_connection(str(self.folder.socket))
                     writer.write(self._hello())
-                self._writer = writer
+                self._writer, self._announced = writer, False
+                if self.up:
+                    self._announce()  # the connection of connect_blocking: its snapshot is in already
                 poller = asyncio.get_running_loop().create_task(self._poll(writer))
                 while (message := await channel.read(reader)) is not None:
                     self._received(message)
@@ -126,10 +136,17 @@ class OwnerLink:
             if not self.up and self._was_up:
                 log.info("the inference process answers again")
             self.up = self._was_up = True
+            self._announce()
             return
         future = self._pending.pop(message["id"], None)
         if future is not None and not future.done():
             future.set_result(message)
+
+    def _announce(self) -> None:
+        """Tell the owner, once per connection, that this front end has its snapshot and sends predictions to it."""
+        if self._writer is not None and not self._announced:
+            self._announced = True
+            self._writer.write(channel.encode({"op": "serving", "id": 0, "index": self.index}))
 
     async def _poll(self, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -329,6 +346,7 @@ class MirrorRegistry(Registry):
         self.link = OwnerLink(folder, index, self._apply)
         self._task: asyncio.Task[None] | None = None
         self._stop_waiting = threading.Event()
+        self.serving: set[int] = set()  # the front ends that forward predictions to the owner, by its last snapshot
 
     def load_all(self) -> None:
         """Wait (off the event loop) until the owner has loaded its models and answers; probes say "loading" meanwhile."""
@@ -357,7 +375,24 @@ class MirrorRegistry(Registry):
         self.board.close()
 
     def ready(self, strict: bool = False) -> bool:
-        return self.link.up and super().ready(strict)
+        return self.unavailable() is None and super().ready(strict)
+
+    def unavailable(self) -> str | None:
+        """Why a request to this service may be refused now although the owner's models are ready, or None.
+
+        Any front end may take a request from the shared socket: ready only when every one of them
+        (this one included) has told the owner it forwards predictions over its current connection.
+        """
+        if not self.link.up:
+            return "the inference process is not answering (it is being restarted)"
+        missing = [i for i in range(self.settings.frontends) if i not in self.serving]
+        if missing:
+            which = ", ".join(str(i) for i in missing)
+            return (
+                f"front end{'s' if len(missing) > 1 else ''} {which} of {self.settings.frontends} not connected to the "
+                "inference process yet: a request it takes would be refused"
+            )
+        return None
 
     def all(self) -> list[ServedModel]:
         return super().all() if self.link.up else []
@@ -388,6 +423,7 @@ class MirrorRegistry(Registry):
                 mirrored = self._mirror(entry)
             models.setdefault(mirrored.name, {})[mirrored.version] = mirrored
         self.models = models
+        self.serving = set(snapshot.get("frontends", []))
         self.loading = False  # the owner has loaded its models before it answers
 
     @staticmethod

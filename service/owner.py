@@ -7,6 +7,12 @@ so one batch gathers images from every front end, and writes the probabilities b
 images. Errors travel back as the ServiceError the Batcher or Registry raised. The owner also
 answers snapshots of its registry (for /health and /models in every front end) and publishes each
 version's queue on the board (service/shm.py) every few milliseconds.
+
+Each snapshot also lists the front ends that forward predictions to this owner now: a front end
+says so over its control connection once it can, and drops off the list when that connection
+closes. Front ends share one listening socket, so any of them may take a request a load balancer
+sent because another answered /health: a front end answers ready only when every front end is on
+the list (service/mirror.py).
 """
 
 from __future__ import annotations
@@ -40,8 +46,8 @@ _SWAP_RETRIES = 3
 EXIT_STARTUP_FAILED = 3
 
 
-def snapshot_of(registry: Registry, slots: dict[ServedModel, tuple[int, int]]) -> Message:
-    """What front ends mirror: the device and every version's state, metadata and board slot."""
+def snapshot_of(registry: Registry, slots: dict[ServedModel, tuple[int, int]], frontends: list[int] | None = None) -> Message:
+    """What front ends mirror: the device, every version's state, metadata and board slot, and the front ends serving."""
     models = []
     for served in registry.all():
         slot, generation = slots.get(served, (0, 0))
@@ -64,7 +70,11 @@ def snapshot_of(registry: Registry, slots: dict[ServedModel, tuple[int, int]]) -
             }
         )
     device = registry.device
-    return {"device": {"providers": list(device.providers), "reason": device.reason}, "models": models}
+    return {
+        "device": {"providers": list(device.providers), "reason": device.reason},
+        "models": models,
+        "frontends": sorted(frontends or []),
+    }
 
 
 class Owner:
@@ -80,7 +90,9 @@ class Owner:
         self._generations = 0
         self._links = 0
         self._writers: set[asyncio.StreamWriter] = set()  # front ends that said hello, for snapshots pushed on change
-        self._shown: tuple[tuple[int, str, str | None], ...] = ()
+        # Front ends that said they forward predictions, by their control connection: index of each.
+        self._serving: dict[asyncio.StreamWriter, int] = {}
+        self._shown: tuple[object, ...] = ()
         self._no_links = asyncio.Event()
         self._no_links.set()
         self._stop = asyncio.Event()
@@ -152,13 +164,13 @@ class Owner:
             await asyncio.sleep(PUBLISH_INTERVAL_S)
 
     def _push_changes(self) -> None:
-        """Send every front end a snapshot as soon as a version is added, loaded, failed, replaced or removed."""
-        shown = tuple((id(m), m.state, m.error) for m in self.registry.all())
+        """Send every front end a snapshot as soon as a version is added, loaded, failed, replaced or removed,
+        or a front end starts or stops forwarding predictions."""
+        shown = (*((id(m), m.state, m.error) for m in self.registry.all()), tuple(sorted(self._serving.values())))
         if shown == self._shown:
             return
         self._shown = shown
-        self._slots_for_all()
-        message = channel.encode({"id": 0, "snapshot": snapshot_of(self.registry, self._slots)})
+        message = channel.encode({"id": 0, "snapshot": self._snapshot()})
         for writer in list(self._writers):
             if not writer.is_closing():
                 writer.write(message)
@@ -184,8 +196,11 @@ class Owner:
                     if op == "hello":
                         arena = self._arena(str(message["arena"]))
                         self._writers.add(writer)
-                    self._slots_for_all()
-                    writer.write(channel.encode({"id": message["id"], "snapshot": snapshot_of(self.registry, self._slots)}))
+                    writer.write(channel.encode({"id": message["id"], "snapshot": self._snapshot()}))
+                elif op == "serving" and arena is not None:
+                    # The front end has this owner's snapshot and a connection to send predictions on.
+                    self._serving[writer] = int(message["index"])
+                    self._push_changes()
                 else:
                     log.warning("front end sent an unknown control message %r; ignored", op)
         except (ConnectionError, ValueError) as exc:
@@ -195,10 +210,16 @@ class Owner:
                 task.cancel()
             await asyncio.gather(*running.values(), return_exceptions=True)
             self._writers.discard(writer)
+            if self._serving.pop(writer, None) is not None:
+                self._push_changes()  # the others answer not-ready until it is back (or replaced)
             writer.close()
             self._links -= 1
             if not self._links:
                 self._no_links.set()
+
+    def _snapshot(self) -> Message:
+        self._slots_for_all()
+        return snapshot_of(self.registry, self._slots, list(self._serving.values()))
 
     def _slots_for_all(self) -> None:
         for served in self.registry.all():

@@ -435,6 +435,13 @@ class Registry:
         counted = {m.name for m in models if m.at_start or strict}
         return [n for n in missing if n in counted], [n for n in missing if n not in counted]
 
+    def unavailable(self) -> str | None:
+        """Why predictions may be refused although the models are ready, or None (always None in one process).
+
+        With front ends, a front end not connected to the owner (service/mirror.py).
+        """
+        return None
+
     def ready(self, strict: bool = False) -> bool:
         """Ready when some model serves and no model name that counts (see `unready_names`) lacks a ready version."""
         return any(m.state == "ready" for m in self.all()) and not self.unready_names(strict)[0]

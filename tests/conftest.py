@@ -31,6 +31,7 @@ SLOW_TESTS = (
     "tests/test_serve_bench.py",
     "tests/test_train_export_serve.py",
     "tests/service/test_frontends.py",
+    "tests/service/test_frontend_readiness.py",
     "tests/service/test_lifecycle.py",
     "tests/service/test_rolling.py",
     "tests/service/test_server.py",

@@ -1,5 +1,6 @@
-"""Three service processes behind a real HAProxy that health-checks the readiness route, restarted
-one after another under steady load as a rolling update does, then one killed outright.
+"""Three service replicas behind a real HAProxy that health-checks the readiness route, restarted
+one after another under steady load as a rolling update does, then one killed outright; in both
+shapes, one process per replica and two front ends around an owner (--frontends 2).
 
 Debian's haproxy (scripts/install-haproxy.sh) on loopback ports; the test skips, and says why,
 where it is not installed.
@@ -22,6 +23,7 @@ import httpx
 import pytest
 
 from tests.conftest import BUNDLED_REPOSITORY, LiveServer, free_port
+from tests.service.conftest import SHAPES, shape
 
 HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
 # Long enough for HAProxy, checking every 200 ms and taking a server out at its first failed check,
@@ -143,13 +145,14 @@ def _wait(condition: Callable[[], bool], what: str, timeout: float = 60) -> None
         time.sleep(0.05)
 
 
-def _start(port: int | None = None) -> LiveServer:
-    return LiveServer(BUNDLED_REPOSITORY, ["--watch-interval-s", "0", "--drain-delay-s", str(DRAIN_DELAY_S)], port=port)
+def _start(frontends: int, port: int | None = None) -> LiveServer:
+    args = ["--watch-interval-s", "0", "--drain-delay-s", str(DRAIN_DELAY_S), *shape(frontends)]
+    return LiveServer(BUNDLED_REPOSITORY, args, port=port)
 
 
 @pytest.fixture
-def replicas() -> Iterator[list[LiveServer]]:
-    servers = [_start() for _ in range(3)]
+def replicas(frontends: int) -> Iterator[list[LiveServer]]:
+    servers = [_start(frontends) for _ in range(3)]
     try:
         for server in servers:
             server.wait_until_listening()
@@ -159,7 +162,10 @@ def replicas() -> Iterator[list[LiveServer]]:
             server.stop()
 
 
-def test_a_rolling_restart_behind_haproxy_loses_no_request_and_a_killed_replica_only_its_own(tmp_path, replicas, digit_pngs):
+@SHAPES
+def test_a_rolling_restart_behind_haproxy_loses_no_request_and_a_killed_replica_only_its_own(
+    tmp_path, frontends, replicas, digit_pngs
+):
     balancer = Balancer(tmp_path, [s.port for s in replicas])
     names = [f"s{i}" for i in range(len(replicas))]
     try:
@@ -175,7 +181,7 @@ def test_a_rolling_restart_behind_haproxy_loses_no_request_and_a_killed_replica_
                 assert old.process.poll() is None, "the replica was taken out only after it exited"
                 assert old.process.wait(timeout=60) == 0, old.log()
                 assert load.count() > at_signal, "requests went on while the replica drained"
-                new = _start(port=old.port)
+                new = _start(frontends, port=old.port)
                 replicas[i] = new
                 old.stop()
                 new.wait_until_listening()
@@ -192,7 +198,7 @@ def test_a_rolling_restart_behind_haproxy_loses_no_request_and_a_killed_replica_
             after_kill = load.count()
         killed_failures = load.failures(since=rolled)
         print(
-            f"\nrolling restart of 3 replicas: {rolled} requests, failed {sum(rolling_failures.values())} "
+            f"\n--frontends {frontends}: rolling restart of 3 replicas: {rolled} requests, failed {sum(rolling_failures.values())} "
             f"{dict(rolling_failures)}\nSIGKILL of one replica: {after_kill - rolled} requests after the kill, "
             f"failed {sum(killed_failures.values())} {dict(killed_failures)} (in flight on it, or sent before "
             "HAProxy's next check took it out)"
