@@ -6,8 +6,9 @@ multipart request, benchmarks/multipart.lua) at one concurrency for the whole ru
 process's resident memory (VmRSS in /proc) every `--sample-s` seconds. The first sample is taken
 after a warm-up under the same load, so that what the first requests allocate once (buffers,
 caches, the arenas of the decoder and of onnxruntime) is not counted as growth. Printed per
-process: its role, resident memory after the warm-up, at the end, its peak, and the growth from
-the first sample to the mean of the last three; and the requests served. Writes JSON.
+process: its role, resident memory after the warm-up, at the end, its peak, the growth from the
+first sample to the mean of the last three, and the growth over the second half of the run (a
+leak grows all along; a one-time step early on does not); and the requests served. Writes JSON.
 
     python benchmarks/soak_bench.py                              # digits, 1 and 2 front ends, 10 minutes each
     python benchmarks/soak_bench.py --model cifar10 --frontends 2 --minutes 3
@@ -107,6 +108,9 @@ def soak(name: str, frontends: int, args: argparse.Namespace, work: Path) -> dic
             continue  # a process that came or went during the run (none should)
         first = points[0][1]
         last = statistics.mean(kib for _, kib in points[-3:])
+        # A leak grows all along; a one-time step (a new thread's arena, the first batch of a new
+        # size) does not: the second half of the run tells them apart.
+        middle = points[len(points) // 2][1]
         processes.append(
             {
                 "pid": pid,
@@ -115,6 +119,7 @@ def soak(name: str, frontends: int, args: argparse.Namespace, work: Path) -> dic
                 "last_mib": last / 1024,
                 "peak_mib": max(kib for _, kib in points) / 1024,
                 "growth_percent": 100 * (last - first) / first,
+                "second_half_growth_percent": 100 * (last - middle) / middle,
                 "samples": points,
             }
         )
@@ -139,12 +144,12 @@ def main() -> None:
     print(
         f"\n{args.model}, concurrency {args.concurrency}, {args.minutes:g} minutes after {args.warmup_s:g} s of warm-up, {os.cpu_count()} CPUs"
     )
-    print(f"{'shape':<14}{'process':<18}{'first MiB':>10}{'last MiB':>10}{'peak MiB':>10}{'growth':>9}")
+    print(f"{'shape':<14}{'process':<18}{'first MiB':>10}{'last MiB':>10}{'peak MiB':>10}{'growth':>9}{'2nd half':>10}")
     for result in results:
         for p in result["processes"]:
             print(
                 f"--frontends {result['frontends']:<3}{p['role']:<18}{p['first_mib']:>10.1f}{p['last_mib']:>10.1f}"
-                f"{p['peak_mib']:>10.1f}{p['growth_percent']:>8.2f}%"
+                f"{p['peak_mib']:>10.1f}{p['growth_percent']:>8.2f}%{p['second_half_growth_percent']:>9.2f}%"
             )
         print(f"  served {result['requests_per_s']} requests/s, non-2xx answers: {result['non_2xx']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)

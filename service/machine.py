@@ -21,21 +21,23 @@ def gpu_present(dev: Path = Path("/dev")) -> bool:
 
 
 def automatic_frontends(cpus: int, cuda: bool, linux: bool = True) -> tuple[int, str]:
-    """How many front-end processes `--frontends 0` (automatic) runs, and why, in words.
+    """How many front-end processes `--frontends 0` (automatic, the default) runs, and why, in words.
 
     The rule, from benchmarks/frontends_bench.py on a 2-core machine (the README and
-    docs/architecture.md give the figures): one process parses HTTP on one Python core, which
-    caps a small model's requests per second; two front ends served about a sixth more images per
-    second at concurrency 32 and cost about 0.5 ms at concurrency 1 (a hop to the inference
-    process). So: one process on one CPU, where a second process could only take turns with the
-    first; on a CPU device, front ends on half the CPUs (at least 2), since the inference threads
-    need the others; on a CUDA device, where the inference process mostly waits for the GPU, front
-    ends on every CPU but one (at least 2). At most MAX_AUTOMATIC_FRONTENDS either way.
+    docs/architecture.md give the figures): with the common upload parsed by the service's own
+    fast path, one process on two cores served the CIFAR-10 CNN 10 % faster than two front ends
+    (860 against 780 requests/s at concurrency 32), whose owner then lacked the CPU its inference
+    needs; only a model far cheaper than HTTP (the 8x8 digits) gained from them (+25 %). So: one
+    process up to two CPUs on a CPU device; beyond, front ends on half the CPUs (at least 2), the
+    inference threads having the others; on a CUDA device, where the inference process mostly
+    waits for the GPU, front ends on every CPU but one (at least 2). At most MAX_AUTOMATIC_FRONTENDS.
     """
     if not linux:
         return 1, "not Linux: front ends need a shared listening socket and /dev/shm"
     if cpus <= 1:
         return 1, "1 CPU available: one process does everything"
+    if not cuda and cpus <= 2:
+        return 1, f"{cpus} CPUs available on a CPU device: one process (front ends would take the inference's CPU)"
     wanted = cpus - 1 if cuda else cpus // 2
     count = min(MAX_AUTOMATIC_FRONTENDS, max(2, wanted))
     rule = "every CPU but one, for a CUDA device" if cuda else "half the CPUs, for a CPU device"

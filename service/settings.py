@@ -100,14 +100,14 @@ class Settings(BaseSettings):
     )
     decode_workers: int = Field(0, ge=0, le=256, description="Threads that decode and resize uploads (0: one per CPU core).")
     frontends: int = Field(
-        1,
+        0,
         ge=0,
         le=64,
         description="Processes that take HTTP and gRPC connections, parse requests and decode images, on the same ports, "
         "around one process that owns the models and batches the images of all of them (1: one process does everything). "
-        "0: automatic, from the CPUs the container may use and the device: 1 on one CPU; else half the CPUs on a CPU "
-        "device, every CPU but one on a CUDA device (at least 2, at most 8). Linux only (elsewhere 0 means 1). "
-        "One process is the default until a rolling restart behind a load balancer loses nothing with front ends too.",
+        "0: automatic, from the CPUs the container may use and the device: one process up to 2 CPUs on a CPU device; "
+        "else half the CPUs on a CPU device, every CPU but one on a CUDA device (at least 2, at most 8). Linux only "
+        "(elsewhere 0 means 1).",
     )
     api_key: str | None = Field(
         None,

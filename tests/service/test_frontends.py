@@ -342,7 +342,7 @@ def running(pid: int) -> bool:
     [
         (1, False, True, 1),
         (1, True, True, 1),
-        (2, False, True, 2),
+        (2, False, True, 1),
         (3, False, True, 2),
         (4, False, True, 2),
         (8, False, True, 4),
