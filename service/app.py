@@ -52,12 +52,16 @@ OTEL_EXPORTER_VARIABLES = ("OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTE
 
 
 def telemetry_config() -> TelemetryConfig:
-    """FastAPI's own OpenTelemetry spans and metrics: on where the environment configures an exporter, else off.
+    """FastAPI's own OpenTelemetry spans and metrics: on where the environment configures an exporter (not "none";
+    OTEL_SDK_DISABLED=true wins), else off.
 
     Off, FastAPI skips asking OpenTelemetry's global providers (and the environment) whether to
     record each request: a few per cent of the event loop's time per request, and of a 503's cost.
     """
-    wanted = any(os.environ.get(name) for name in OTEL_EXPORTER_VARIABLES)
+    disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    wanted = not disabled and any(
+        os.environ.get(name, "").strip().lower() not in ("", "none") for name in OTEL_EXPORTER_VARIABLES
+    )
     return {"tracing": wanted, "metrics": wanted, "logs": wanted}
 
 

@@ -19,12 +19,11 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .dataplane import EncodedImage
 from .errors import ServiceError, service_error_response, unexpected_error_response
-from .middleware import authorised
+from .middleware import authorised, first_headers
 from .routes import predict
 
 if TYPE_CHECKING:
@@ -40,7 +39,15 @@ _DEFAULT_TOP_K = 5
 
 
 def _positive(value: str) -> int | None:
-    return int(value) if value.isascii() and value.isdigit() and int(value) >= 1 else None
+    # Longer numbers go to the route (int() refuses past 4,300 digits, and none is a useful top_k or version).
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        return None
+    number = int(value)
+    return number if number >= 1 else None
+
+
+class _TooManyParts(Exception):
+    """More parts than Starlette's form parser accepts: the route refuses it without splitting them all."""
 
 
 def _query(scope: Scope) -> tuple[int, int | None] | None:
@@ -95,6 +102,8 @@ class _Parts:
         }
 
     def _begin(self) -> None:
+        if len(self.parts) >= _MAX_PARTS:
+            raise _TooManyParts()
         self._disposition = b""
         self._data = []
 
@@ -151,7 +160,7 @@ class FastPredict:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise ClientDisconnect()
+                return  # the client hung up mid-upload: nobody to answer (the gate counts it 499)
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
@@ -169,7 +178,7 @@ class FastPredict:
             if filename is not None
         ]
         texts = any(field == "files" and filename is None for field, filename, _ in parts.parts)
-        if not parts.valid or not files or texts or len(parts.parts) > _MAX_PARTS:
+        if not parts.valid or not files or texts:
             await self.app(scope, _replay(body, receive), send)  # the route's own answer to the unusual request
             return
         try:
@@ -190,7 +199,7 @@ class FastPredict:
         name = path[len("/predict/") :]
         if not name or "/" in name:
             return None
-        headers = dict(scope["headers"])
+        headers = first_headers(scope)
         declared = headers.get(b"content-length")
         if declared is None or not declared.isdigit() or int(declared) > self.limit:
             return None
@@ -206,7 +215,7 @@ class FastPredict:
         charset = params.get(b"charset", b"utf-8").decode("latin-1")
         try:
             charset = codecs.lookup(charset).name
-        except LookupError:
+        except (LookupError, ValueError):
             charset = "latin-1"
         return name, boundary, charset, query[0], query[1]
 

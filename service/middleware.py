@@ -40,7 +40,7 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         scope[ARRIVAL_KEY] = time.monotonic()
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = first_headers(scope).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(send, scope)
             return
@@ -97,7 +97,8 @@ def prediction_route(scope: Scope) -> tuple[str, int | None, str] | None:
         version = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("version", [None])[0]
         return (
             path[len("/predict/") :],
-            int(version) if version and version.isascii() and version.isdigit() else None,
+            # Anything else, a 5,000-digit number included, is the route's to refuse (422).
+            int(version) if version and version.isascii() and version.isdigit() and len(version) <= 18 else None,
             "multipart",
         )
     match = _V2_INFER.fullmatch(path)
@@ -210,7 +211,7 @@ class PredictionGate:
         self, scope: Scope, name: str, version: int | None, protocol: str
     ) -> tuple[tuple[int, bytes, dict[str, str] | None] | None, Callable[[], None] | None]:
         """The refusal to answer now (status, JSON body, headers), or what gives back the queue place its admission holds."""
-        if scope.get("method") != "POST" or not authorised(dict(scope["headers"]), self.api_key):
+        if scope.get("method") != "POST" or not authorised(first_headers(scope), self.api_key):
             return None, None
         try:
             return None, self.dataplane.hold(name, version, 1)
@@ -220,8 +221,19 @@ class PredictionGate:
             return (exc.status_code, key + json.dumps(exc.detail).encode() + b"}", exc.headers), None
 
 
+def first_headers(scope: Scope) -> dict[bytes, bytes]:
+    """The request's headers by name, the first of a repeated one winning, as Starlette reads them for the routes."""
+    headers: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        headers.setdefault(name, value)
+    return headers
+
+
 def authorised(headers: dict[bytes, bytes], api_key: str | None) -> bool:
-    """Whether a request with these headers may use the protected routes: no key configured, or the right one given."""
+    """Whether a request with these headers may use the protected routes: no key configured, or the right one given.
+
+    The header is read as the routes read it (latin-1, as HTTP headers are), so both judge a key alike.
+    """
     if not api_key:
         return True
     given = headers.get(b"x-api-key")
@@ -229,4 +241,4 @@ def authorised(headers: dict[bytes, bytes], api_key: str | None) -> bool:
         bearer = headers.get(b"authorization", b"")
         given = bearer[7:] if bearer[:7].lower() == b"bearer " else None
     # Constant-time comparison: the answer's timing must not reveal how much of the key matched.
-    return given is not None and hmac.compare_digest(given, api_key.encode())
+    return given is not None and hmac.compare_digest(given.decode("latin-1").encode(), api_key.encode())

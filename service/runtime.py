@@ -176,8 +176,8 @@ def at_lower_priority(increment: int, make: Callable[[], T]) -> T:
     failure: list[BaseException] = []
 
     def run() -> None:
-        lower_thread_priority(increment)
         try:
+            lower_thread_priority(increment)
             outcome.append(make())
         except BaseException as exc:  # handed to the caller's thread below
             failure.append(exc)

@@ -349,6 +349,10 @@ def test_fastapis_opentelemetry_is_on_only_where_the_environment_configures_an_e
     settings = Settings(repository=bundled_repository, watch_interval_s=0)
     quiet = create_app(settings, resolve_device("cpu"))
     assert not quiet._native_telemetry.enabled(), "no exporter configured: FastAPI records nothing and asks nothing"
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert not create_app(settings, resolve_device("cpu"))._telemetry["tracing"], "'none' configures no exporter"
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
     traced = create_app(settings, resolve_device("cpu"))
     assert traced._telemetry["tracing"] and traced._telemetry["metrics"] and traced._telemetry["logs"]
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert not create_app(settings, resolve_device("cpu"))._telemetry["tracing"], "OTEL_SDK_DISABLED wins"

@@ -143,3 +143,96 @@ async def test_uploads_over_the_fast_limit_stream_through_the_route(bundled_repo
     r = await _post(_app(bundled_repository), "/predict/digits", files=[*_digits(digits_test_split, 1), padding])
     assert r.status_code == 200, r.text
     assert form_parses == [1]
+
+
+@pytest.mark.parametrize("query", ["top_k=" + "1" * 5000, "version=" + "1" * 5000])
+async def test_numbers_too_long_for_int_get_the_routes_422_not_a_500(bundled_repository, digits_test_split, query):
+    r = await _post(_app(bundled_repository), f"/predict/digits?{query}", files=_digits(digits_test_split, 1))
+    assert r.status_code == 422, r.text
+
+
+async def test_a_client_that_hangs_up_mid_upload_is_counted_499_and_raises_nothing(bundled_repository, digits_test_split):
+    app = _app(bundled_repository)
+    request = httpx.Request("POST", "http://test/predict/digits", files=_digits(digits_test_split, 1))
+    body = request.read()
+    messages = [{"type": "http.request", "body": body[:50], "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict/digits",
+        "raw_path": b"/predict/digits",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"test"),
+            (b"content-type", request.headers["content-type"].encode()),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
+    async with app.router.lifespan_context(app):
+        await app(scope, receive, send)  # a hang-up is no error of the application's
+        metrics = app.state.metrics.render().decode()
+    assert sent == [], "nobody is left to answer"
+    assert 'status="499"' in metrics
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ([("X-API-Key", "nope"), ("X-API-Key", "s3cret")], 401),  # the first of a repeated header counts, as for the route
+        ([("X-API-Key", "s3cret"), ("X-API-Key", "nope")], 200),
+    ],
+)
+async def test_a_repeated_key_header_is_judged_as_the_route_judges_it(bundled_repository, digits_test_split, headers, status):
+    r = await _post(
+        _app(bundled_repository, api_key="s3cret"), "/predict/digits", files=_digits(digits_test_split, 1), headers=headers
+    )
+    assert r.status_code == status, r.text
+
+
+async def test_a_non_ascii_key_is_compared_as_the_route_compares_it(bundled_repository, digits_test_split):
+    files = _digits(digits_test_split, 1)
+    # HTTP headers are latin-1: the key's UTF-8 bytes are not the key.
+    utf8 = await _post(
+        _app(bundled_repository, api_key="clé"), "/predict/digits", files=files, headers={"X-API-Key": "clé".encode()}
+    )
+    assert utf8.status_code == 401
+    latin = await _post(
+        _app(bundled_repository, api_key="clé"), "/predict/digits", files=files, headers={"X-API-Key": "clé".encode("latin-1")}
+    )
+    assert latin.status_code == 200, latin.text
+
+
+async def test_a_repeated_content_type_is_read_as_the_route_reads_it(bundled_repository, digits_test_split, form_parses):
+    request = httpx.Request("POST", "http://test/", files=_digits(digits_test_split, 1))
+    body = request.read()
+    real = request.headers["content-type"]
+    headers = [("content-type", "multipart/form-data; boundary=xyz"), ("content-type", real)]
+    r = await _post(_app(bundled_repository), "/predict/digits", content=body, headers=headers)
+    assert r.status_code == 422, r.text  # the first content-type names a boundary the body does not use
+
+
+async def test_a_body_of_more_parts_than_the_form_parser_takes_goes_to_the_route_unsplit(bundled_repository, form_parses):
+    parts = b"".join(b"--xyz\r\nContent-Disposition: form-data; name=files; filename=a\r\n\r\n\r\n" for _ in range(3000))
+    r = await _post(
+        _app(bundled_repository),
+        "/predict/digits",
+        content=parts + b"--xyz--\r\n",
+        headers={"content-type": "multipart/form-data; boundary=xyz"},
+    )
+    assert r.status_code == 422, r.text
+    assert form_parses == [1]
