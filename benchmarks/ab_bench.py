@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-from serve_bench import ROOT, free_port, make_jpegs, run_wrk, start, stop, wrk_with_server_cpu
+from serve_bench import ROOT, alternating_rounds, make_jpegs, start_service, stop
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", type=Path, help="the first checkout (the old tree)")
     parser.add_argument("b", type=Path, help="the second checkout (the new tree)")
-    parser.add_argument("--model", default="digits", help="a model of --repository")
+    parser.add_argument(
+        "--model",
+        default="digits",
+        help="a model of --repository; uploads: digits for digits, 32x32 photos for cifar10, else 320x240",
+    )
     parser.add_argument("--repository", type=Path, default=ROOT / "models")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per round and checkout")
@@ -33,30 +36,17 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ab-bench-"))
     manifest = work / "manifest.txt"
-    manifest.write_text("\n".join(str(p) for p in make_jpegs("digits", work / "jpegs", 64)) + "\n")
+    manifest.write_text("\n".join(str(p) for p in make_jpegs(args.model, work / "jpegs", 64)) + "\n")
     servers = {}
     try:
         for label, tree in (("A", args.a), ("B", args.b)):
-            port = free_port()
-            command = [sys.executable, "-m", "service", "--port", str(port), "--repository", str(args.repository.resolve())]
-            command += ["--grpc-port", "0", "--watch-interval-s", "0", "--log-level", "warning", *args.service_args.split()]
-            servers[label] = (start(command, port, cwd=tree.resolve()), f"http://127.0.0.1:{port}/predict/{args.model}")
-        for _, url in servers.values():
-            run_wrk(url, manifest, args.concurrency, 2, 1)  # warm-up, not counted
-        rates: dict[str, list[float]] = {"A": [], "B": []}
-        for round_ in range(args.rounds):
-            for label in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
-                process, url = servers[label]
-                figures, _, cores = wrk_with_server_cpu(process.pid, url, manifest, args.concurrency, args.duration)
-                rates[label].append(figures["requests_per_s"])
-                print(
-                    f"round {round_ + 1} {label}: {figures['requests_per_s']:7.1f} req/s  p50 {figures['p50_ms']:6.2f} ms  "
-                    f"errors {figures['errors']}  service CPU {cores:4.2f} cores",
-                    flush=True,
-                )
+            process, port = start_service(args.repository.resolve(), args.service_args.split(), cwd=tree.resolve())
+            servers[label] = (process, f"http://127.0.0.1:{port}/predict/{args.model}")
+        results = alternating_rounds(servers, manifest, [args.concurrency], args.rounds, args.duration)
     finally:
         for process, _ in servers.values():
             stop(process)
+    rates = {label: [r["requests_per_s"] for r in results[label][args.concurrency]] for label in servers}
     a, b = statistics.median(rates["A"]), statistics.median(rates["B"])
     print(f"\n{args.model}, c={args.concurrency}, {args.rounds} rounds of {args.duration:g} s")
     print(f"A {args.a}: median {a:.1f} req/s ({' '.join(f'{r:.0f}' for r in rates['A'])})")

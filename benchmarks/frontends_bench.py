@@ -16,16 +16,19 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-from serve_bench import ROOT, free_port, make_jpegs, run_wrk, start, stop, wrk_with_server_cpu
+from serve_bench import ROOT, alternating_rounds, make_jpegs, start_service, stop
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="digits", help="a model of --repository")
+    parser.add_argument(
+        "--model",
+        default="digits",
+        help="a model of --repository; uploads: digits for digits, 32x32 photos for cifar10, else 320x240",
+    )
     parser.add_argument("--repository", type=Path, default=ROOT / "models")
     parser.add_argument("--frontends", default="1,2", help="comma-separated --frontends values to compare")
     parser.add_argument("--concurrency", type=int, default=32)
@@ -35,33 +38,18 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="frontends-bench-"))
     manifest = work / "manifest.txt"
-    manifest.write_text("\n".join(str(p) for p in make_jpegs("digits", work / "jpegs", 64)) + "\n")
+    manifest.write_text("\n".join(str(p) for p in make_jpegs(args.model, work / "jpegs", 64)) + "\n")
     targets = [int(n) for n in args.frontends.split(",")]
     servers = {}
     try:
         for n in targets:
-            port = free_port()
-            command = [sys.executable, "-m", "service", "--port", str(port), "--repository", str(args.repository)]
-            command += ["--frontends", str(n), "--grpc-port", "0", "--watch-interval-s", "0", "--log-level", "warning"]
-            servers[n] = (start(command, port), f"http://127.0.0.1:{port}/predict/{args.model}")
-        for _, url in servers.values():
-            run_wrk(url, manifest, args.concurrency, 2, 1)  # warm-up, not counted
-        results: dict[int, list[dict]] = {n: [] for n in targets}
-        for round_ in range(args.rounds):
-            order = targets if round_ % 2 == 0 else targets[::-1]
-            for n in order:
-                process, url = servers[n]
-                figures, wrk_share, cores = wrk_with_server_cpu(process.pid, url, manifest, args.concurrency, args.duration)
-                results[n].append({**figures, "service_cores": cores, "wrk_cpu_share": wrk_share})
-                print(
-                    f"round {round_ + 1} --frontends {n}: {figures['requests_per_s']:8.1f} req/s  p50 {figures['p50_ms']:6.2f} ms  "
-                    f"p99 {figures['p99_ms']:7.2f} ms  errors {figures['errors']}  service CPU {cores:4.2f} cores  "
-                    f"wrk CPU {wrk_share:5.1%}",
-                    flush=True,
-                )
+            process, port = start_service(args.repository, ["--frontends", str(n)])
+            servers[n] = (process, f"http://127.0.0.1:{port}/predict/{args.model}")
+        by_concurrency = alternating_rounds(servers, manifest, [args.concurrency], args.rounds, args.duration)
     finally:
         for process, _ in servers.values():
             stop(process)
+    results = {n: by_concurrency[n][args.concurrency] for n in targets}
     print(f"\n{args.model}, concurrency {args.concurrency}, {args.rounds} rounds of {args.duration:g} s, {os.cpu_count()} CPUs")
     print(f"{'--frontends':>11s} {'req/s (median)':>15s} {'each round':>30s} {'p50 ms':>7s} {'p99 ms':>7s} {'service CPU':>12s}")
     summary = {}

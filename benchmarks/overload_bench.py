@@ -204,7 +204,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "overload_bench.json")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from serve_bench import free_port, start, stop
+    from serve_bench import start_service, stop
 
     work = Path(tempfile.mkdtemp(prefix="overload-bench-"))
     model = work / "models" / "slow" / "1" / "model.onnx"
@@ -219,11 +219,8 @@ def main() -> None:
         pass
     results = {}
     for n in [int(v) for v in args.frontends.split(",")]:
-        port = free_port()
-        command = [sys.executable, "-m", "service", "--port", str(port), "--repository", str(work / "models")]
-        command += ["--frontends", str(n), "--grpc-port", "0", "--watch-interval-s", "0", "--log-level", "warning"]
-        command += ["--queue-size", str(args.queue_size), "--max-files-per-request", "1", "--max-batch-size", "4"]
-        process = start(command, port)
+        flags = ["--frontends", str(n), "--queue-size", str(args.queue_size), "--max-files-per-request", "1"]
+        process, port = start_service(work / "models", [*flags, "--max-batch-size", "4"])
         try:
             request = multipart_request("127.0.0.1", port, "/predict/slow", "noise.jpg", upload)
             asyncio.run(flood("127.0.0.1", port, request, args.connections, 1.0))  # warm-up, not counted

@@ -37,9 +37,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -254,6 +255,7 @@ def run_wrk(url: str, manifest: Path, concurrency: int, seconds: float, threads:
 
 
 Runner = Callable[[int, float], tuple[dict, float]]
+K = TypeVar("K")  # what names a server in alternating_rounds
 
 
 def tree(pid: int) -> list[int]:
@@ -284,6 +286,43 @@ def cpu_seconds(pids: list[int]) -> float:
 def wrk_with_server_cpu(pid: int, url: str, manifest: Path, concurrency: int, seconds: float) -> tuple[dict, float, float]:
     """One wrk run (one thread) against the server `pid`: wrk's figures, wrk's CPU share, and the server tree's cores."""
     return with_server_cpu(wrk_runner(url, manifest, 1), pid)(concurrency, seconds)
+
+
+def start_service(repository: Path, flags: Sequence[str] = (), cwd: Path = ROOT) -> tuple[subprocess.Popen, int]:
+    """`python -m service` (the one in `cwd`) on a free loopback port, without gRPC, repository scans or info
+    logs, once /health answers 200: the process and its port."""
+    port = free_port()
+    command = [sys.executable, "-m", "service", "--port", str(port), "--repository", str(repository)]
+    command += ["--grpc-port", "0", "--watch-interval-s", "0", "--log-level", "warning", *flags]
+    return start(command, port, cwd=cwd), port
+
+
+def alternating_rounds(
+    servers: dict[K, tuple[subprocess.Popen, str]], manifest: Path, concurrencies: Sequence[int], rounds: int, duration: float
+) -> dict[K, dict[int, list[dict]]]:
+    """wrk against every server (process, predict URL) at each concurrency, in rounds whose order alternates
+    (A B, then B A, ...) so that drift in the machine's load hits all alike, after an uncounted warm-up.
+
+    Each round's wrk figures, with the server tree's CPU (`service_cores`) and wrk's share of the
+    machine (`wrk_cpu_share`); a line is printed per round.
+    """
+    for _, url in servers.values():
+        run_wrk(url, manifest, max(concurrencies), 2, 1)  # warm-up, not counted
+    results: dict[K, dict[int, list[dict]]] = {key: {c: [] for c in concurrencies} for key in servers}
+    keys = list(servers)
+    for round_ in range(rounds):
+        for c in concurrencies:
+            for key in keys if round_ % 2 == 0 else keys[::-1]:
+                process, url = servers[key]
+                figures, wrk_share, cores = wrk_with_server_cpu(process.pid, url, manifest, c, duration)
+                results[key][c].append({**figures, "service_cores": cores, "wrk_cpu_share": wrk_share})
+                print(
+                    f"round {round_ + 1} {key!s:>12} c={c:3d}: {figures['requests_per_s']:8.1f} req/s  "
+                    f"p50 {figures['p50_ms']:7.2f} ms  p99 {figures['p99_ms']:7.2f} ms  errors {figures['errors']}  "
+                    f"service CPU {cores:4.2f} cores  wrk CPU {wrk_share:5.1%}",
+                    flush=True,
+                )
+    return results
 
 
 def with_server_cpu(runner: Runner, pid: int) -> Callable[[int, float], tuple[dict, float, float]]:

@@ -15,11 +15,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-from serve_bench import MODELS, ROOT, free_port, make_jpegs, model_file, run_wrk, start, stop, wrk_with_server_cpu
+from serve_bench import MODELS, ROOT, alternating_rounds, make_jpegs, model_file, start_service, stop
 
 
 def main() -> None:
@@ -43,25 +42,9 @@ def main() -> None:
     servers = {}
     try:
         for name, flags in settings.items():
-            port = free_port()
-            command = [sys.executable, "-m", "service", "--port", str(port), "--repository", str(repository)]
-            command += ["--grpc-port", "0", "--watch-interval-s", "0", "--log-level", "warning", *flags.split()]
-            servers[name] = (start(command, port), f"http://127.0.0.1:{port}/predict/{args.model}")
-        for _, url in servers.values():
-            run_wrk(url, manifest, max(concurrencies), 2, 1)  # warm-up, not counted
-        results: dict[str, dict[int, list[dict]]] = {n: {c: [] for c in concurrencies} for n in settings}
-        for round_ in range(args.rounds):
-            order = list(settings) if round_ % 2 == 0 else list(settings)[::-1]
-            for c in concurrencies:
-                for name in order:
-                    process, url = servers[name]
-                    figures, _, cores = wrk_with_server_cpu(process.pid, url, manifest, c, args.duration)
-                    results[name][c].append({**figures, "service_cores": cores})
-                    print(
-                        f"round {round_ + 1} {name:>12s} c={c:3d}: {figures['requests_per_s']:8.1f} img/s  "
-                        f"p50 {figures['p50_ms']:7.2f} ms  p99 {figures['p99_ms']:7.2f} ms  service CPU {cores:4.2f} cores",
-                        flush=True,
-                    )
+            process, port = start_service(repository, flags.split())
+            servers[name] = (process, f"http://127.0.0.1:{port}/predict/{args.model}")
+        results = alternating_rounds(servers, manifest, concurrencies, args.rounds, args.duration)
     finally:
         for process, _ in servers.values():
             stop(process)

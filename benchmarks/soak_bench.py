@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_bench import LUA, ROOT, free_port, make_jpegs, model_file, progress, start, stop, tree
+from serve_bench import LUA, ROOT, make_jpegs, model_file, progress, start_service, stop, tree
 
 
 def rss_kib(pid: int) -> int | None:
@@ -66,10 +66,7 @@ def soak(name: str, frontends: int, args: argparse.Namespace, work: Path) -> dic
     jpegs = make_jpegs(name, work / "images", 64)
     manifest = work / "manifest.txt"
     manifest.write_text("\n".join(str(p) for p in jpegs) + "\n")
-    port = free_port()
-    command = [sys.executable, "-m", "service", "--port", str(port), "--repository", str(repository)]
-    command += ["--grpc-port", "0", "--log-level", "warning", "--watch-interval-s", "0", "--frontends", str(frontends)]
-    process = start(command, port)
+    process, port = start_service(repository, ["--frontends", str(frontends)])
     seconds = args.warmup_s + args.minutes * 60
     wrk = subprocess.Popen(
         ["wrk", "-t1", f"-c{args.concurrency}", f"-d{round(seconds)}s", "--timeout", "30s", "-s", str(LUA)]

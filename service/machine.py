@@ -25,9 +25,9 @@ def automatic_frontends(cpus: int, cuda: bool, linux: bool = True) -> tuple[int,
 
     The rule, from benchmarks/frontends_bench.py on a 2-core machine (the README and
     docs/architecture.md give the figures): with the common upload parsed by the service's own
-    fast path, one process on two cores served the CIFAR-10 CNN 10 % faster than two front ends
-    (860 against 780 requests/s at concurrency 32), whose owner then lacked the CPU its inference
-    needs; only a model far cheaper than HTTP (the 8x8 digits) gained from them (+25 %). So: one
+    fast path, one process on two cores served the CIFAR-10 CNN 9 % faster than two front ends
+    (826 against 757 requests/s at concurrency 32), whose owner then lacked the CPU its inference
+    needs; only a model far cheaper than HTTP (the 8x8 digits) gained from them (+24 %). So: one
     process up to two CPUs on a CPU device; beyond, front ends on half the CPUs (at least 2), the
     inference threads having the others; on a CUDA device, where the inference process mostly
     waits for the GPU, front ends on every CPU but one (at least 2). At most MAX_AUTOMATIC_FRONTENDS.
