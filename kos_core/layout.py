@@ -26,8 +26,9 @@ def model_path(repository: Path, name: str, version: int, precision: str = "floa
 
 
 def is_version(name: str) -> bool:
-    """Whether a folder name is a model version: a positive integer in ASCII digits (not "²", which int() refuses)."""
-    return name.isascii() and name.isdigit() and int(name) > 0
+    """Whether a folder name is a model version: a positive integer in ASCII digits (not "²", which int() refuses),
+    at most 18 of them (int() refuses past 4,300, and no version needs more)."""
+    return name.isascii() and name.isdigit() and len(name) <= 18 and int(name) > 0
 
 
 def model_settings_path(repository: Path, name: str) -> Path:

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .dataplane import EncodedImage
 from .errors import ServiceError, service_error_response, unexpected_error_response
-from .middleware import authorised, first_headers
+from .middleware import authorised, first_headers, positive_int
 from .routes import predict
 
 if TYPE_CHECKING:
@@ -36,14 +36,6 @@ FAST_MAX_BYTES = 1 << 20
 # Starlette refuses more parts than this per form; such a request goes to the route for that answer.
 _MAX_PARTS = 1000
 _DEFAULT_TOP_K = 5
-
-
-def _positive(value: str) -> int | None:
-    # Longer numbers go to the route (int() refuses past 4,300 digits, and none is a useful top_k or version).
-    if not (value.isascii() and value.isdigit()) or len(value) > 18:
-        return None
-    number = int(value)
-    return number if number >= 1 else None
 
 
 class _TooManyParts(Exception):
@@ -60,11 +52,11 @@ def _query(scope: Scope) -> tuple[int, int | None] | None:
             return None
         seen.add(key)
         if key == "top_k":
-            top_k = _positive(value)
+            top_k = positive_int(value)
             if top_k is None:
                 return None
         elif key == "version":
-            version = _positive(value)
+            version = positive_int(value)
             if version is None:
                 return None
     assert top_k is not None

@@ -14,6 +14,8 @@ from urllib.parse import parse_qs
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kos_core.layout import is_version
+
 from .batcher import HELD
 from .errors import ServiceError
 
@@ -97,13 +99,12 @@ def prediction_route(scope: Scope) -> tuple[str, int | None, str] | None:
         version = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("version", [None])[0]
         return (
             path[len("/predict/") :],
-            # Anything else, a 5,000-digit number included, is the route's to refuse (422).
-            int(version) if version and version.isascii() and version.isdigit() and len(version) <= 18 else None,
+            positive_int(version),
             "multipart",
         )
     match = _V2_INFER.fullmatch(path)
     if match:
-        return match["model"], int(match["version"]) if match["version"] else None, "v2-rest"
+        return match["model"], positive_int(match["version"]), "v2-rest"
     return None
 
 
@@ -221,12 +222,27 @@ class PredictionGate:
             return (exc.status_code, key + json.dumps(exc.detail).encode() + b"}", exc.headers), None
 
 
+_HEADERS_KEY = "kos.headers"
+
+
 def first_headers(scope: Scope) -> dict[bytes, bytes]:
-    """The request's headers by name, the first of a repeated one winning, as Starlette reads them for the routes."""
-    headers: dict[bytes, bytes] = {}
-    for name, value in scope["headers"]:
-        headers.setdefault(name, value)
+    """The request's headers by name, the first of a repeated one winning, as Starlette reads them for the routes.
+
+    Built once per request and kept in its scope: the gate, the size limit and the fast path all read them.
+    """
+    headers: dict[bytes, bytes] | None = scope.get(_HEADERS_KEY)
+    if headers is None:
+        headers = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value)
+        scope[_HEADERS_KEY] = headers
     return headers
+
+
+def positive_int(value: str | None) -> int | None:
+    """`value` as a number when it is a positive integer as the core reads version names (`is_version`), else None:
+    anything else (0, "²", 5,000 digits) is the route's to refuse."""
+    return int(value) if value and is_version(value) else None
 
 
 def authorised(headers: dict[bytes, bytes], api_key: str | None) -> bool:

@@ -23,3 +23,9 @@ def test_a_folder_named_like_a_digit_but_no_number_is_reported_not_a_crash(tmp_p
         (tmp_path / "digits" / version / MODEL_FILENAME).write_bytes(b"onnx")
     assert list_models(tmp_path) == {"digits": [1]}
     assert repository_problems(tmp_path) == ["digits/\u00b2 is not a version folder (a whole number from 1 up): ignored"]
+
+
+def test_a_version_is_a_positive_integer_of_at_most_18_ascii_digits():
+    assert is_version("1") and is_version("9" * 18)
+    for name in ("0", "-1", "²", "1.0", "", "1" * 19, "1" * 5000):
+        assert not is_version(name), name

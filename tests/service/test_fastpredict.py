@@ -82,6 +82,7 @@ async def test_the_common_upload_is_answered_without_the_form_parser_and_as_the_
         ("/predict/digits?top_k=0", True, None, "top_k"),
         ("/predict/digits?top_k=two", True, None, "top_k"),
         ("/predict/digits?version=latest", True, None, "version"),
+        ("/predict/digits?version=0", True, None, "version"),
         ("/predict/digits", False, {"files": "not a file"}, "is a text field, not a file"),
         ("/predict/digits", False, {"other": "x"}, "files"),
     ],
@@ -236,3 +237,9 @@ async def test_a_body_of_more_parts_than_the_form_parser_takes_goes_to_the_route
     )
     assert r.status_code == 422, r.text
     assert form_parses == [1]
+
+
+async def test_a_v2_version_too_long_for_int_gets_the_routes_400_not_a_500(bundled_repository):
+    r = await _post(_app(bundled_repository), "/v2/models/digits/versions/" + "1" * 5000 + "/infer", json={"inputs": []})
+    assert r.status_code == 400, r.text
+    assert "error" in r.json()
