@@ -139,9 +139,15 @@ def _scopes(node_name: str) -> set[str]:
 class GraphReport:
     augmentation_removed: list[str] = field(default_factory=list)
     preprocessing_kept: list[str] = field(default_factory=list)
+    # Batch normalisations after an activation, rewritten as one depthwise convolution (export/fold.py).
+    scale_shift_folded: list[str] = field(default_factory=list)
 
     def as_metadata(self) -> dict[str, list[str]]:
-        return {"augmentation_removed": self.augmentation_removed, "preprocessing_kept": self.preprocessing_kept}
+        return {
+            "augmentation_removed": self.augmentation_removed,
+            "preprocessing_kept": self.preprocessing_kept,
+            "scale_shift_folded": self.scale_shift_folded,
+        }
 
 
 def _ops_before_first_weighted_op(proto: onnx.ModelProto) -> list[str]:

@@ -15,6 +15,7 @@ from kos_core.artifact import PRECISION_FILENAMES, ModelMetadata
 
 from .convert import OPSET, GraphReport, check_graph, to_onnx
 from .errors import ExportError
+from .fold import fold_channel_affine
 from .parity import (
     INCONCLUSIVE,
     Parity,
@@ -132,6 +133,7 @@ def export(
     progress(f"[2/{steps}] converting with tf2onnx (opset {opset}) and checking the graph")
     proto = converter(source.model, opset)
     graph = check_graph(source.model, proto)
+    graph.scale_shift_folded = fold_channel_affine(proto)
 
     progress(f"[3/{steps}] parity: onnxruntime against Keras on the same {len(held_out.x)} images")
     got = onnx_probabilities(proto, held_out.x, show_progress=show_progress)

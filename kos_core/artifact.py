@@ -76,7 +76,11 @@ class ModelMetadata(BaseModel):
     precision: Precision = Field("float32", description="Weight precision of this file; variants sit beside model.onnx.")
     opset: int | None = Field(None, description="ONNX opset the graph was converted to.")
     graph_checks: dict[str, list[str]] = Field(
-        default_factory=dict, description="Keras layers checked in the exported graph: augmentation removed, preprocessing kept."
+        default_factory=dict,
+        description=(
+            "Keras layers checked in the exported graph: augmentation removed, preprocessing kept; and the batch "
+            "normalisations after an activation made one depthwise convolution (scale_shift_folded)."
+        ),
     )
     variants: dict[str, dict[str, float | int | bool | str]] = Field(
         default_factory=dict, description="Reduced-precision files of this version and their accuracy against float32."

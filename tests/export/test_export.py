@@ -62,6 +62,10 @@ def test_metadata_round_trips_into_the_service_reader(digits_run, tmp_path):
     assert {"keras-onnx-serve", "tensorflow", "keras", "tf2onnx", "onnx"} <= set(meta.versions)
     assert meta.opset == 17 and meta.precision == "float32" and meta.created_at.tzinfo is not None
     assert meta.graph_checks["preprocessing_kept"] == ["rescale"]
+    # Both batch normalisations follow a ReLU: each became one depthwise convolution, not Mul and Add.
+    assert meta.graph_checks["scale_shift_folded"] == ["batch_normalization", "batch_normalization_1"]
+    depthwise = [n for n in onnx.load(str(result.path)).graph.node if n.name.endswith("/depthwise")]
+    assert [n.op_type for n in depthwise] == ["Conv", "Conv"]
 
 
 def test_versions_increment_and_a_taken_version_is_refused_unless_overwritten(digits_run, tmp_path):
@@ -169,6 +173,7 @@ def test_augmentation_leaves_the_graph_and_preprocessing_stays(tmp_path):
     assert result.metadata.graph_checks == {
         "augmentation_removed": ["flip", "rotate", "shift", "zoom", "contrast"],
         "preprocessing_kept": ["rescale", "normalize"],
+        "scale_shift_folded": [],
     }
 
 
