@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +25,7 @@ from .page import router as page_router
 from .probes import probes
 from .registry import Registry
 from .routes import protected, require_api_key, router
-from .runtime import Device
+from .runtime import Device, name_os_thread
 from .settings import Settings
 from .v2 import rest as v2_rest
 from .v2.grpc_service import create_grpc_server, stop_grpc_server
@@ -81,7 +82,11 @@ def create_app(
     # Decoding runs here, never on the event loop; Pillow releases the GIL while it works. Its memory
     # is bounded: at most this many images of at most max_image_pixels decode at once. Sized by the
     # CPUs the container may use (its cgroup quota), not the host's cores.
-    decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers or available_cpus(), thread_name_prefix="decode")
+    decode_pool = ThreadPoolExecutor(
+        max_workers=settings.decode_workers or available_cpus(),
+        thread_name_prefix="decode",
+        initializer=functools.partial(name_os_thread, "kos-decode"),
+    )
     registry = registry_factory(settings, device, metrics, decode_pool)
     lifecycle = Lifecycle(settings, registry)
     dataplane = DataPlane(settings, registry, metrics, decode_pool, readiness=lifecycle.readiness, liveness=lifecycle.liveness)

@@ -36,7 +36,7 @@ from .batcher import Batcher
 from .errors import ModelFailed, ModelNotFound, ModelNotReady
 from .metrics import Metrics
 from .model_settings import ModelSettingsError, model_settings, read_overrides
-from .runtime import Device, DeviceUnavailable, create_session, lower_thread_priority, pad_size, warmup_batch_sizes
+from .runtime import Device, DeviceUnavailable, create_session, inference_thread_setup, pad_size, warmup_batch_sizes
 from .settings import AUTO, Settings
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ class Registry:
             metrics=self.metrics,
             pad_to=(lambda n: pad_size(n, max_batch)) if self.device.is_cuda else None,
             decode_pool=self.decode_pool,
-            thread_setup=functools.partial(lower_thread_priority, settings.inference_nice),
+            thread_setup=functools.partial(inference_thread_setup, settings.inference_nice),
         )
         served.batcher.start()
 

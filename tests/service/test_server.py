@@ -750,6 +750,11 @@ def _nice_by_thread(pid: int) -> dict[int, int]:
     return found
 
 
+def _names_by_thread(pid: int) -> dict[int, str]:
+    """Each thread of `pid` and the name the OS shows for it."""
+    return {int(task.name): (task / "comm").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are set on Linux only")
 @pytest.mark.parametrize("nice", [0, 7])
 def test_inference_threads_run_below_the_event_loop_by_inference_nice(start_server, digit_pngs, nice):
@@ -770,6 +775,9 @@ def test_inference_threads_run_below_the_event_loop_by_inference_nice(start_serv
     with httpx.Client(base_url=server.url, timeout=30) as client:
         for _ in range(4):  # the inference threads are started on demand
             assert client.post("/predict/digits", files={"files": (path.name, path.read_bytes(), "image/png")}).status_code == 200
+        # Two images in one request decode in the decode pool (a lone image decodes on its inference thread).
+        two = [("files", (path.name, path.read_bytes(), "image/png"))] * 2
+        assert client.post("/predict/digits", files=two).status_code == 200
     threads = _nice_by_thread(server.process.pid)
     assert threads[server.process.pid] == 0, "the event loop's thread keeps the process's priority"
     lowered = [tid for tid, value in threads.items() if value == nice and tid != server.process.pid]
@@ -780,3 +788,12 @@ def test_inference_threads_run_below_the_event_loop_by_inference_nice(start_serv
         # onnxruntime's pool thread (started with the session) and at least one inference worker (started by the requests).
         assert len([t for t in lowered if t in before]) >= 1, threads
         assert len([t for t in lowered if t not in before]) >= 1, threads
+    # Named where `top -H` shows them: the inference workers, the decode pool and, where the session was
+    # made on a thread of its own (a lower priority), onnxruntime's pool threads.
+    names = _names_by_thread(server.process.pid)
+    assert names[server.process.pid] not in {"kos-infer", "kos-decode", "kos-onnxruntime"}
+    assert {t for t, name in names.items() if name == "kos-infer"} == {t for t in lowered if t not in before} or nice == 0
+    assert len([name for name in names.values() if name == "kos-infer"]) >= 1, names
+    assert "kos-decode" in names.values(), names
+    if nice:
+        assert {t for t, name in names.items() if name == "kos-onnxruntime"} == {t for t in lowered if t in before}, names
