@@ -1,18 +1,28 @@
 """Image bytes to the uint8 HxWxC array a model takes: decode, orient, convert, resize.
 
 Training, export and the service all decode through `decode_image`, so a model sees the same
-pixels in training as in serving. Blocking and CPU-bound: the service calls it in a thread pool,
-never on the event loop (Pillow releases the GIL while it decodes and resizes). Errors are the
-core's own (UnsupportedImage, ImageTooLarge); each front end maps them to its answers.
+pixels in training as in serving. A plain JPEG (the usual upload) is decoded by libjpeg-turbo
+through simplejpeg, without Pillow's Python around it, where that gives Pillow's very pixels
+(`_jpeg_direct`); every other file goes through Pillow. Blocking and CPU-bound: the service calls
+it in a thread pool, never on the event loop (both decoders release the GIL while they decode).
+Errors are the core's own (UnsupportedImage, ImageTooLarge); each front end maps them to its answers.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import warnings
 
 import numpy as np
+import PIL
 from PIL import Image, ImageOps
+
+try:
+    import simplejpeg
+except ImportError:  # Pillow decodes everything
+    simplejpeg = None
 
 from .artifact import InputSpec
 from .errors import ImageError, ImageTooLarge, UnsupportedImage
@@ -34,6 +44,8 @@ _RESAMPLE = {
 # A JPEG is decoded at 1/2, 1/4 or 1/8 scale only while that keeps at least this many times the
 # model's input size, so the final resize still sees more pixels than it writes.
 DRAFT_MARGIN = 2
+
+log = logging.getLogger(__name__)
 
 
 def allow_images_up_to(max_pixels: int) -> None:
@@ -76,11 +88,118 @@ def image_pixels(data: bytes, filename: str) -> int:
         raise UnsupportedImage(f"{filename}: not a readable image ({type(exc).__name__})") from exc
 
 
+# A plain JPEG's colour space (its header, as libjpeg-turbo reads it) and the model's colour mode →
+# what libjpeg-turbo is asked for, where that is exactly what Pillow's decode and convert give. A
+# colour JPEG for a greyscale model is not here: Pillow makes its grey from RGB, not from Y.
+_DIRECT_JPEG = {("YCbCr", "rgb"): "RGB", ("RGB", "rgb"): "RGB", ("Gray", "rgb"): "RGB", ("Gray", "grayscale"): "GRAY"}
+
+
+def _app1_before_scan(data: bytes) -> bool:
+    """Whether a JPEG has an APP1 segment (EXIF or XMP, which may rotate it) before its first scan.
+
+    Also true for anything not laid out as JPEG segments, so that Pillow judges it.
+    """
+    i, end = 2, len(data)
+    while i + 4 <= end:
+        if data[i] != 0xFF:
+            return True
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0xDA:  # start of scan: the headers are over
+            return False
+        elif marker == 0xE1:
+            return True
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return True
+
+
+def _jpeg_direct(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray | None:
+    """A plain JPEG decoded by libjpeg-turbo without Pillow's Python around it; None: Pillow decodes it.
+
+    Plain: no APP1 (so no EXIF rotation), a colour space in `_DIRECT_JPEG`, small enough that
+    Pillow would decode it at full scale (no draft), within the pixel limits, and no libjpeg
+    warning (simplejpeg's strict mode). Pillow and simplejpeg both run libjpeg-turbo with the
+    accurate DCT and smooth chroma upsampling; `direct_jpeg_agrees` checks the pixels match.
+    """
+    if simplejpeg is None or not data.startswith(b"\xff\xd8\xff") or _app1_before_scan(data):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    side = DRAFT_MARGIN * max(spec.width, spec.height)
+    if min(width // side, height // side) >= 2 or width * height > max_pixels:
+        return None
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+        return None
+    target = _DIRECT_JPEG.get((colorspace, spec.color_mode))
+    if target is None or not direct_jpeg_agrees():
+        return None
+    try:
+        array = simplejpeg.decode_jpeg(data, colorspace=target)
+    except ValueError:
+        return None
+    if array.shape[:2] == (spec.height, spec.width):
+        return np.asarray(array if array.ndim == 3 else array[:, :, None], dtype=np.uint8)
+    # Resized by Pillow, as every other image is (2-D uint8 is Pillow's L, H x W x 3 its RGB).
+    return _fit(Image.fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array), spec)
+
+
+@functools.cache
+def direct_jpeg_agrees() -> bool:
+    """Whether libjpeg-turbo called directly gives Pillow's pixels, on JPEGs of every layout (once per process).
+
+    Pillow and simplejpeg each bundle their own libjpeg-turbo; should two builds ever disagree,
+    every JPEG goes through Pillow, so that serving sees the pixels training saw.
+    """
+    if simplejpeg is None:
+        return False
+    rng = np.random.default_rng(0)
+    cases: list[tuple[str, tuple[int, int], dict[str, int | bool]]] = [
+        ("RGB", (33, 17), {"subsampling": 0}),  # 4:4:4
+        ("RGB", (32, 32), {"subsampling": 1}),  # 4:2:2
+        ("RGB", (31, 45), {"subsampling": 2}),  # 4:2:0
+        ("RGB", (40, 24), {"progressive": True}),
+        ("RGB", (24, 24), {"optimize": True, "quality": 60}),
+        ("L", (19, 23), {}),
+    ]
+    for mode, (width, height), options in cases:
+        shape = (height, width, 3) if mode == "RGB" else (height, width)
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, mode=mode).save(buffer, format="JPEG", **options)
+        with Image.open(io.BytesIO(buffer.getvalue())) as image:
+            expected = np.asarray(image.convert("RGB"))
+            expected_grey = np.asarray(image.convert("L")) if mode == "L" else None
+        try:
+            got = simplejpeg.decode_jpeg(buffer.getvalue(), colorspace="RGB")
+            got_grey = simplejpeg.decode_jpeg(buffer.getvalue(), colorspace="GRAY") if mode == "L" else None
+        except ValueError:
+            got, got_grey = None, None
+        if (
+            got is None
+            or not np.array_equal(got, expected)
+            or (expected_grey is not None and (got_grey is None or not np.array_equal(got_grey[:, :, 0], expected_grey)))
+        ):
+            log.warning(
+                "simplejpeg %s decodes JPEGs differently from Pillow %s here: every JPEG is decoded by Pillow",
+                simplejpeg.__version__,
+                PIL.__version__,
+            )
+            return False
+    return True
+
+
 def decode_image(data: bytes, filename: str, spec: InputSpec, max_pixels: int) -> np.ndarray:
     """Decode one image into a uint8 array of shape (H, W, C) for `spec`; raises an ImageError.
 
     A MemoryError is not the file's fault and passes through unchanged.
     """
+    direct = _jpeg_direct(data, spec, max_pixels)
+    if direct is not None:
+        return direct
     try:
         # open() reads the header only: the size is checked before a single pixel is decoded.
         image: Image.Image = Image.open(io.BytesIO(data))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kos_core import imaging
 from kos_core.artifact import InputSpec
 from kos_core.errors import ImageTooLarge, UnsupportedImage
 from kos_core.imaging import DRAFT_MARGIN, decode_image
@@ -215,3 +216,100 @@ def test_running_out_of_memory_is_not_called_a_bad_file(monkeypatch):
     monkeypatch.setattr(Image.Image, "load", exhausted)  # no real way to exhaust memory in a test
     with pytest.raises(MemoryError):
         decode_image(encode(base_rgb(), "PNG"), "x.png", RGB32, 10**7)
+
+
+# --- plain JPEGs, decoded by libjpeg-turbo without Pillow's Python --------------------------------
+
+
+def _pillow_only(monkeypatch, data: bytes, spec: InputSpec) -> np.ndarray:
+    with monkeypatch.context() as patched:
+        patched.setattr(imaging, "_jpeg_direct", lambda *args: None)
+        return decode_image(data, "x.jpg", spec, 10**8)
+
+
+def _smooth(size: tuple[int, int], channels: int = 3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    array = np.cumsum(noise.astype(np.int32), axis=0).astype(np.uint8)  # stripes plus noise: real chroma
+    return array[:, :, 0] if channels == 1 else array
+
+
+@pytest.mark.parametrize(
+    ("size", "mode", "options", "spec"),
+    [
+        ((32, 32), "RGB", {"quality": 90}, RGB32),  # CIFAR-10's own size: no resize
+        ((33, 17), "RGB", {"subsampling": 0}, RGB32),  # 4:4:4, resized up
+        ((320, 240), "RGB", {"subsampling": 2, "quality": 75}, InputSpec(224, 224, "rgb")),  # 4:2:0 photo
+        ((41, 29), "RGB", {"subsampling": 1, "progressive": True}, InputSpec(16, 16, "rgb", "lanczos")),
+        ((20, 20), "L", {"quality": 80}, GREY8),  # greyscale file for a greyscale model
+        ((30, 20), "L", {}, RGB32),  # greyscale file for a colour model
+    ],
+)
+def test_a_plain_jpeg_is_decoded_directly_into_pillows_very_pixels(monkeypatch, size, mode, options, spec):
+    data = encode(Image.fromarray(_smooth(size, 3 if mode == "RGB" else 1)), "JPEG", **options)
+    direct = imaging._jpeg_direct(data, spec, 10**8)
+    assert direct is not None, "a plain JPEG takes the direct path"
+    assert direct.shape == spec.shape and direct.dtype == np.uint8
+    np.testing.assert_array_equal(direct, _pillow_only(monkeypatch, data, spec))
+    np.testing.assert_array_equal(decode_image(data, "x.jpg", spec, 10**8), direct)
+
+
+def _cmyk_jpeg() -> bytes:
+    return encode(Image.fromarray(_smooth((24, 24))).convert("CMYK"), "JPEG")
+
+
+def _exif_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(Image.fromarray(_smooth((40, 30))), "JPEG", exif=exif)
+
+
+@pytest.mark.parametrize(
+    ("case", "data", "spec"),
+    [
+        ("an EXIF orientation to apply", _exif_jpeg, RGB32),
+        ("a colour JPEG for a greyscale model (Pillow's grey is made from RGB)", lambda: encode(base_rgb(), "JPEG"), GREY8),
+        ("a CMYK JPEG", _cmyk_jpeg, RGB32),
+        ("big enough for a reduced-scale decode", lambda: encode(Image.fromarray(_smooth((400, 300))), "JPEG"), RGB32),
+        ("not a JPEG", lambda: encode(base_rgb(), "PNG"), RGB32),
+    ],
+)
+def test_jpegs_that_need_pillow_go_to_pillow(monkeypatch, case, data, spec):
+    encoded = data()
+    assert imaging._jpeg_direct(encoded, spec, 10**8) is None, case
+    np.testing.assert_array_equal(decode_image(encoded, "x.jpg", spec, 10**8), _pillow_only(monkeypatch, encoded, spec))
+
+
+def test_the_direct_path_refuses_nothing_pillow_accepts_and_accepts_only_pillows_pixels(monkeypatch):
+    rng = np.random.default_rng(11)
+    original = encode(Image.fromarray(_smooth((20, 20), seed=3)), "JPEG")
+    direct_answers = 0
+    for _ in range(300):
+        data = bytearray(original)
+        for position in rng.integers(0, min(len(data), 400), size=rng.integers(1, 5)):
+            data[position] = rng.integers(0, 256)
+        direct = imaging._jpeg_direct(bytes(data), RGB32, 10**7)
+        if direct is None:
+            continue
+        direct_answers += 1
+        # Whatever the direct path decodes, Pillow decodes too, to the same pixels.
+        np.testing.assert_array_equal(direct, _pillow_only(monkeypatch, bytes(data), RGB32))
+    assert direct_answers > 50, "mutations of the scan data still take the direct path"
+
+
+def test_if_the_two_decoders_ever_disagree_every_jpeg_goes_to_pillow(monkeypatch, caplog):
+    import simplejpeg
+
+    real = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda data, **kw: real(data, **kw) ^ 1)  # off by one everywhere
+    imaging.direct_jpeg_agrees.cache_clear()
+    try:
+        assert not imaging.direct_jpeg_agrees()
+        assert "every JPEG is decoded by Pillow" in caplog.text
+        data = encode(Image.fromarray(_smooth((32, 32))), "JPEG")
+        assert imaging._jpeg_direct(data, RGB32, 10**8) is None
+        np.testing.assert_array_equal(decode_image(data, "x.jpg", RGB32, 10**8), _pillow_only(monkeypatch, data, RGB32))
+    finally:
+        imaging.direct_jpeg_agrees.cache_clear()
+    monkeypatch.undo()
+    assert imaging.direct_jpeg_agrees(), "libjpeg-turbo called directly gives Pillow's pixels here"
