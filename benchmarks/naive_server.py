@@ -1,7 +1,9 @@
 """The naive baseline for serve_bench.py: one request, one onnxruntime run, no batching, no limits.
 
 It decodes with the service's own `decode_image` and answers the same JSON shape, so the
-benchmark compares the serving architecture, not the image code.
+benchmark compares the serving architecture, not the image code. `--pillow` decodes every image
+with Pillow instead, as a hand-written endpoint would (and as the service's own decoder did before
+it read plain JPEGs through libjpeg-turbo directly): the same pixels, more CPU per image.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from kos_core.artifact import INPUT_NAME, OUTPUT_NAME, ModelMetadata
 from kos_core.imaging import decode_image
 
 
-def create_naive_app(model_file: Path, intra_op_threads: int = 0) -> FastAPI:
+def create_naive_app(model_file: Path, intra_op_threads: int = 0, pillow: bool = False) -> FastAPI:
     """A FastAPI app whose sync endpoint decodes and runs each request on its own."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
@@ -29,7 +31,12 @@ def create_naive_app(model_file: Path, intra_op_threads: int = 0) -> FastAPI:
     @app.post("/predict/{model}")
     def predict(model: str, files: list[UploadFile], top_k: int = 5) -> dict:
         # A plain `def`: Starlette runs it in its thread pool, the common naive pattern.
-        images = np.stack([decode_image(f.file.read(), f.filename or "file", spec.input_spec, 40_000_000) for f in files])
+        images = np.stack(
+            [
+                decode_image(f.file.read(), f.filename or "file", spec.input_spec, 40_000_000, direct_jpeg=not pillow)
+                for f in files
+            ]
+        )
         probabilities = session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
         predictions = []
         for f, row in zip(files, probabilities):
@@ -52,8 +59,14 @@ def main() -> None:
     parser.add_argument("model_file", type=Path)
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--intra-op-threads", type=int, default=0)
+    parser.add_argument("--pillow", action="store_true", help="decode every image with Pillow, as a hand-written endpoint would")
     args = parser.parse_args()
-    uvicorn.run(create_naive_app(args.model_file, args.intra_op_threads), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(
+        create_naive_app(args.model_file, args.intra_op_threads, args.pillow),
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ training train` and `python -m export` into a cache folder) it measures, in one 
 - the in-process ceiling: decode and resize on all cores plus `session.run`, pipelined, at the
   best batch size, intra-op thread count and batches in flight found, on the same JPEG files, no HTTP;
 - `python -m service` (dynamic batching) under wrk at each concurrency;
-- a naive FastAPI endpoint (one request, one run; benchmarks/naive_server.py) under the same load;
+- a naive FastAPI endpoint (one request, one run; benchmarks/naive_server.py) under the same load,
+  decoding with the service's own decoder, and with --naive-pillow the same endpoint decoding
+  every image with Pillow (`naive-pil`), as a hand-written endpoint does;
 - the same service over the Open Inference Protocol (v2), in the same run: REST with the binary
   tensor data extension carrying the encoded JPEG as BYTES (`v2-jpeg`) or the client-decoded UINT8
   tensor (`v2-uint8`), and gRPC with the UINT8 tensor (`grpc-u8`).
@@ -55,6 +57,8 @@ V2_LUA = Path(__file__).resolve().parent / "v2.lua"
 V2_TARGETS = ("v2-jpeg", "v2-uint8", "grpc-u8")
 GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 TOP_K = 5  # classes asked for per image, as /predict's default
+# The naive endpoint decoding every image with Pillow (--naive-pillow): as a hand-written endpoint does.
+NAIVE_PILLOW = "naive-pil"
 
 
 @dataclass
@@ -566,16 +570,15 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
         "grpc-u8": grpc_runner(f"127.0.0.1:{grpc_port}", v2["grpc-u8"]),
     }
     try:
-        if not args.skip_naive:
-            naive_port = free_port()
-            processes.append(
-                start(
-                    [sys.executable, str(Path(__file__).parent / "naive_server.py"), str(path), "--port", str(naive_port)],
-                    naive_port,
-                )
-            )
-            targets["naive"] = wrk_runner(f"http://127.0.0.1:{naive_port}/predict/{name}", manifest, args.wrk_threads)
-        servers = {target: processes[-1 if target == "naive" else 0].pid for target in targets}
+        owners = dict.fromkeys(targets, processes[0])
+        naive = [sys.executable, str(Path(__file__).parent / "naive_server.py"), str(path)]
+        for target, flags, wanted in (("naive", [], not args.skip_naive), (NAIVE_PILLOW, ["--pillow"], args.naive_pillow)):
+            if wanted:
+                naive_port = free_port()
+                processes.append(start([*naive, *flags, "--port", str(naive_port)], naive_port))
+                targets[target] = wrk_runner(f"http://127.0.0.1:{naive_port}/predict/{name}", manifest, args.wrk_threads)
+                owners[target] = processes[-1]
+        servers = {target: owners[target].pid for target in targets}
         results, ceilings = load_test(targets, servers, args.concurrency, args.duration, args.rounds, pipeline)
     finally:
         for process in processes:
@@ -590,14 +593,14 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
 def print_table(records: list[dict]) -> None:
     print()
     print(
-        f"{'model':10s} {'target':8s} {'conc':>4s} {'img/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} {'server CPU':>10s} {'load CPU':>8s} {'of ceiling':>10s}"
+        f"{'model':10s} {'target':9s} {'conc':>4s} {'img/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s} {'server CPU':>10s} {'load CPU':>8s} {'of ceiling':>10s}"
     )
     for record in records:
         ceiling = record.get("ceiling", {}).get("images_per_s")
         if ceiling:
             c = record["ceiling"]
             print(
-                f"{record['model']:10s} {'ceiling':8s} {'':>4s} {ceiling:9.1f} {'':>8s} {'':>8s} {'':>6s} {'':>10s} {'':>8s} {'100%':>10s}"
+                f"{record['model']:10s} {'ceiling':9s} {'':>4s} {ceiling:9.1f} {'':>8s} {'':>8s} {'':>6s} {'':>10s} {'':>8s} {'100%':>10s}"
                 f"   (batch {c['batch_size']}, intra-op threads {c['intra_op_threads']}, spinning {c['spinning']}, "
                 f"batches in flight {c['workers']})"
             )
@@ -606,7 +609,7 @@ def print_table(records: list[dict]) -> None:
             alongside = by_c.get(r["concurrency"], ceiling)
             share = f"{r['requests_per_s'] / alongside:.0%}" if alongside else "-"
             print(
-                f"{record['model']:10s} {r['target']:8s} {r['concurrency']:4d} {r['requests_per_s']:9.1f} {r['p50_ms']:8.2f} "
+                f"{record['model']:10s} {r['target']:9s} {r['concurrency']:4d} {r['requests_per_s']:9.1f} {r['p50_ms']:8.2f} "
                 f"{r['p99_ms']:8.2f} {r['errors']:6d} {r['server_cpu']:10.0%} {r['wrk_cpu_share']:8.1%} {share:>10s}"
             )
         by = {(r["target"], r["concurrency"]): r for r in record["load"]}
@@ -627,6 +630,10 @@ def print_table(records: list[dict]) -> None:
             ]
             if ratios:
                 print(f"  v2 against multipart at c={c}: " + "; ".join(ratios))
+        for naive in ("naive", NAIVE_PILLOW):
+            if ("service", 32) in by and (naive, 32) in by and by[(naive, 32)]["requests_per_s"]:
+                ratio = by[("service", 32)]["requests_per_s"] / by[(naive, 32)]["requests_per_s"]
+                print(f"  service against {naive} at c=32: {ratio:.2f}x img/s")
         if ("service", 1) in by and ("naive", 1) in by:
             gap = by[("service", 1)]["p50_ms"] - by[("naive", 1)]["p50_ms"]
             print(f"  target 2: service p50 at c=1 is {gap:+.2f} ms from the naive endpoint's (goal <= +2 ms)")
@@ -648,6 +655,11 @@ def main() -> None:
         help="serve at flags taken from the ceiling's search (service.measure.service_setting), not at the service's defaults",
     )
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument(
+        "--naive-pillow",
+        action="store_true",
+        help=f"also load the naive endpoint decoding every image with Pillow ({NAIVE_PILLOW}), as a hand-written one does",
+    )
     parser.add_argument("--skip-ceiling", action="store_true")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench-cache", help="where the MobileNetV2 export is kept")
     parser.add_argument("--json", type=Path, default=ROOT / "runs" / "serve_bench.json", help="where to write the figures")

@@ -192,12 +192,13 @@ def direct_jpeg_agrees() -> bool:
     return True
 
 
-def decode_image(data: bytes, filename: str, spec: InputSpec, max_pixels: int) -> np.ndarray:
+def decode_image(data: bytes, filename: str, spec: InputSpec, max_pixels: int, *, direct_jpeg: bool = True) -> np.ndarray:
     """Decode one image into a uint8 array of shape (H, W, C) for `spec`; raises an ImageError.
 
+    `direct_jpeg=False`: Pillow decodes a plain JPEG too (the same pixels, more Python per image).
     A MemoryError is not the file's fault and passes through unchanged.
     """
-    direct = _jpeg_direct(data, spec, max_pixels)
+    direct = _jpeg_direct(data, spec, max_pixels) if direct_jpeg else None
     if direct is not None:
         return direct
     try:

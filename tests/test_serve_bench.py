@@ -62,3 +62,21 @@ def test_the_benchmark_s_zoo_models_are_trained_and_exported_by_the_command_line
     assert meta.parity["agreed"] is True and meta.parity["images"] == 30
     assert meta.parity["verdict"] in ("passed", "inconclusive: the model's output does not depend on its input")
     assert meta.parity["passed"] is (meta.parity["verdict"] == "passed"), "passed is the verdict, not the agreement alone"
+
+
+def test_the_naive_endpoint_answers_alike_with_either_decoder(tmp_path):
+    from fastapi.testclient import TestClient
+
+    _naive = importlib.util.spec_from_file_location("naive_server", ROOT / "benchmarks" / "naive_server.py")
+    naive_server = importlib.util.module_from_spec(_naive)
+    _naive.loader.exec_module(naive_server)
+    model = ROOT / "models" / "digits" / "1" / "model.onnx"
+    jpegs = serve_bench.make_jpegs("digits", tmp_path, 4)
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in jpegs]
+    answers = []
+    for pillow in (False, True):
+        with TestClient(naive_server.create_naive_app(model, 1, pillow=pillow)) as client:
+            response = client.post("/predict/digits", files=files)
+            assert response.status_code == 200
+            answers.append(response.json()["predictions"])
+    assert answers[0] == answers[1] and len(answers[0]) == 4

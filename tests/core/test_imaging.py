@@ -222,9 +222,11 @@ def test_running_out_of_memory_is_not_called_a_bad_file(monkeypatch):
 
 
 def _pillow_only(monkeypatch, data: bytes, spec: InputSpec) -> np.ndarray:
-    with monkeypatch.context() as patched:
-        patched.setattr(imaging, "_jpeg_direct", lambda *args: None)
-        return decode_image(data, "x.jpg", spec, 10**8)
+    pillow = decode_image(data, "x.jpg", spec, 10**8, direct_jpeg=False)
+    with monkeypatch.context() as patched:  # and the same when the direct path cannot run at all
+        patched.setattr(imaging, "simplejpeg", None)
+        np.testing.assert_array_equal(decode_image(data, "x.jpg", spec, 10**8), pillow)
+    return pillow
 
 
 def _smooth(size: tuple[int, int], channels: int = 3, seed: int = 0) -> np.ndarray:
