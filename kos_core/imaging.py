@@ -94,40 +94,71 @@ def image_pixels(data: bytes, filename: str) -> int:
 _DIRECT_JPEG = {("YCbCr", "rgb"): "RGB", ("RGB", "rgb"): "RGB", ("Gray", "rgb"): "RGB", ("Gray", "grayscale"): "GRAY"}
 
 
-def _app1_before_scan(data: bytes) -> bool:
-    """Whether a JPEG has an APP1 segment (EXIF or XMP, which may rotate it) before its first scan.
+# Segments before the first scan that the direct path takes: the baseline, extended and progressive
+# frame headers, Huffman and quantisation tables, the restart interval, comments and a JFIF APP0.
+# Any other (EXIF or XMP in APP1, which may rotate the image; ICC, Adobe, Photoshop, restart or
+# TEM markers; arithmetic or lossless frames) sends the file to Pillow, whose parser reads more
+# of the headers than libjpeg does and refuses some files that libjpeg decodes.
+_PLAIN_SEGMENTS = frozenset({0xC0, 0xC1, 0xC2, 0xC4, 0xDB, 0xDD, 0xFE, 0xE0})
 
-    Also true for anything not laid out as JPEG segments, so that Pillow judges it.
+
+def _whole_tables(payload: bytes) -> bool:
+    """Whether a DQT segment holds whole tables (8- or 16-bit), as Pillow's parser demands."""
+    while payload:
+        size = 1 + 64 * (1 if payload[0] >> 4 == 0 else 2)
+        if len(payload) < size:
+            return False
+        payload = payload[size:]
+    return True
+
+
+def _plain_headers(data: bytes) -> bool:
+    """Whether every segment of a JPEG before its first scan is one of `_PLAIN_SEGMENTS`, well formed.
+
+    Well formed where Pillow's parser reads it: its length within the file, a JFIF APP0 of full
+    length, a frame header of at least 6 bytes, quantisation tables whole.
     """
     i, end = 2, len(data)
     while i + 4 <= end:
         if data[i] != 0xFF:
-            return True
+            return False
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
-        elif marker == 0xDA:  # start of scan: the headers are over
-            return False
-        elif marker == 0xE1:
+            continue
+        if marker == 0xDA:  # start of scan: the headers are over
             return True
-        else:
-            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return True
+        if marker not in _PLAIN_SEGMENTS:
+            return False
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        payload = data[i + 4 : i + 2 + length]
+        if length < 2 or len(payload) != length - 2:
+            return False
+        if marker == 0xE0 and not (payload.startswith(b"JFIF\x00") and len(payload) >= 14):
+            return False
+        if marker in (0xC0, 0xC1, 0xC2) and len(payload) < 6:
+            return False
+        if marker == 0xDB and not _whole_tables(payload):
+            return False
+        i += 2 + length
+    return False
 
 
 def _jpeg_direct(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray | None:
     """A plain JPEG decoded by libjpeg-turbo without Pillow's Python around it; None: Pillow decodes it.
 
-    Plain: no APP1 (so no EXIF rotation), a colour space in `_DIRECT_JPEG`, small enough that
-    Pillow would decode it at full scale (no draft), within the pixel limits, and no libjpeg
-    warning (simplejpeg's strict mode). Pillow and simplejpeg both run libjpeg-turbo with the
+    Plain: only the segments `_plain_headers` takes (so no EXIF rotation), a colour space in
+    `_DIRECT_JPEG`, small enough that Pillow would decode it at full scale (no draft), within the
+    pixel limits, and no libjpeg warning (simplejpeg's strict mode). Pillow and simplejpeg both run libjpeg-turbo with the
     accurate DCT and smooth chroma upsampling; `direct_jpeg_agrees` checks the pixels match.
     """
-    if simplejpeg is None or not data.startswith(b"\xff\xd8\xff") or _app1_before_scan(data):
+    if simplejpeg is None or not data.startswith(b"\xff\xd8\xff") or not _plain_headers(data):
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
+    except MemoryError:
+        raise
+    except Exception:  # ValueError, or a KeyError for a chroma layout it has no name for (4:4:1): Pillow's turn
         return None
     side = DRAFT_MARGIN * max(spec.width, spec.height)
     if min(width // side, height // side) >= 2 or width * height > max_pixels:
@@ -139,7 +170,9 @@ def _jpeg_direct(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray | 
         return None
     try:
         array = simplejpeg.decode_jpeg(data, colorspace=target)
-    except ValueError:
+    except MemoryError:
+        raise
+    except Exception:
         return None
     if array.shape[:2] == (spec.height, spec.width):
         return np.asarray(array if array.ndim == 3 else array[:, :, None], dtype=np.uint8)

@@ -315,3 +315,65 @@ def test_if_the_two_decoders_ever_disagree_every_jpeg_goes_to_pillow(monkeypatch
         imaging.direct_jpeg_agrees.cache_clear()
     monkeypatch.undo()
     assert imaging.direct_jpeg_agrees(), "libjpeg-turbo called directly gives Pillow's pixels here"
+
+
+def _rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways
+    return exif.tobytes()
+
+
+_ROTATED = _rotated()  # an APP1 payload: "Exif\0\0" and a TIFF block with one orientation tag
+
+
+def _with_segment(data: bytes, marker: int, payload: bytes, position: int = 2) -> bytes:
+    """`data` with one more segment inserted at byte `position` (after SOI by default)."""
+    segment = bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+    return data[:position] + segment + data[position:]
+
+
+@pytest.mark.parametrize(
+    ("case", "make"),
+    [
+        ("a JFIF APP0 shorter than Pillow reads", lambda d: _with_segment(d, 0xE0, b"JFIF\x00\x01")),
+        ("an Adobe APP14 shorter than Pillow reads", lambda d: _with_segment(d, 0xEE, b"Adobe")),
+        ("an ICC APP2 shorter than Pillow reads", lambda d: _with_segment(d, 0xE2, b"ICC_PROFILE\x00\x01")),
+        ("a Photoshop APP13 Pillow cannot parse", lambda d: _with_segment(d, 0xED, b"Photoshop 3.0\x00" + b"8BIM\x03\xed")),
+        ("a TEM marker before the scan", lambda d: d[:2] + b"\xff\x01" + d[2:]),
+        ("a restart marker before an EXIF rotation", lambda d: _with_segment(d[:2] + b"\xff\xd0" + d[2:], 0xE1, _ROTATED, 4)),
+        ("a quantisation table cut short", lambda d: _with_segment(d, 0xDB, bytes(30))),
+        ("a segment running past the end", lambda d: d[:2] + b"\xff\xfe\xff\xff" + b"x" * 10),
+    ],
+)
+def test_headers_pillow_reads_differently_from_libjpeg_go_to_pillow(monkeypatch, case, make):
+    plain = encode(Image.fromarray(_smooth((40, 30))), "JPEG")
+    data = make(plain)
+    assert imaging._jpeg_direct(data, RGB32, 10**8) is None, case
+    try:
+        expected = decode_image(data, "x.jpg", RGB32, 10**8, direct_jpeg=False)
+    except UnsupportedImage:
+        with pytest.raises(UnsupportedImage):
+            decode_image(data, "x.jpg", RGB32, 10**8)
+    else:
+        np.testing.assert_array_equal(decode_image(data, "x.jpg", RGB32, 10**8), expected)
+
+
+def test_anything_the_direct_decoder_raises_hands_the_file_to_pillow(monkeypatch):
+    import simplejpeg
+
+    data = encode(Image.fromarray(_smooth((32, 32))), "JPEG")
+    expected = decode_image(data, "x.jpg", RGB32, 10**8, direct_jpeg=False)
+
+    def no_name_for_it(*args, **kwargs):
+        raise KeyError(6)  # what simplejpeg 1.9 raises for a 4:4:1 JPEG's header
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg_header", no_name_for_it)
+    assert imaging._jpeg_direct(data, RGB32, 10**8) is None
+    np.testing.assert_array_equal(decode_image(data, "x.jpg", RGB32, 10**8), expected)
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg_header", exhausted)
+    with pytest.raises(MemoryError):  # not the file's fault: never called a bad file
+        decode_image(data, "x.jpg", RGB32, 10**8)
