@@ -76,7 +76,7 @@ def model_card(meta: ModelMetadata, model_file: Path | None = None) -> str:
         lines.append(f"  graph      augmentation removed: {removed}; preprocessing kept: {kept}")
         folded = meta.graph_checks.get("scale_shift_folded")
         if folded:
-            lines.append(f"  graph      {len(folded)} scale-and-shift pairs made depthwise 1x1 convolutions: {', '.join(folded)}")
+            lines.append(f"  graph      {len(folded)} scale-and-shift pairs written as BatchNormalization: {', '.join(folded)}")
     for precision, v in meta.variants.items():
         file = model_file.parent / PRECISION_FILENAMES[precision] if model_file is not None else None
         size = f", {_size(file)}" if file is not None and file.is_file() else ""

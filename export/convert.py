@@ -139,7 +139,7 @@ def _scopes(node_name: str) -> set[str]:
 class GraphReport:
     augmentation_removed: list[str] = field(default_factory=list)
     preprocessing_kept: list[str] = field(default_factory=list)
-    # Batch normalisations after an activation, rewritten as one depthwise convolution (export/fold.py).
+    # Batch normalisations after an activation, written as one BatchNormalization (export/fold.py).
     scale_shift_folded: list[str] = field(default_factory=list)
 
     def as_metadata(self) -> dict[str, list[str]]:

@@ -79,7 +79,7 @@ class ModelMetadata(BaseModel):
         default_factory=dict,
         description=(
             "Keras layers checked in the exported graph: augmentation removed, preprocessing kept; and the batch "
-            "normalisations after an activation made one depthwise convolution (scale_shift_folded)."
+            "normalisations after an activation written as one BatchNormalization (scale_shift_folded)."
         ),
     )
     variants: dict[str, dict[str, float | int | bool | str]] = Field(

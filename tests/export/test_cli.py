@@ -53,9 +53,7 @@ def test_a_keras_model_with_labels_and_images_exports_and_show_prints_the_same_c
     assert "[3/4] parity" in exported.stderr
     assert "model card: fromfile v1 (float32)" in exported.stdout
     assert "parity     passed on 40 held-out images" in exported.stdout
-    assert (
-        "2 scale-and-shift pairs made depthwise 1x1 convolutions: batch_normalization, batch_normalization_1" in exported.stdout
-    )
+    assert "2 scale-and-shift pairs written as BatchNormalization: batch_normalization, batch_normalization_1" in exported.stdout
     assert "skipped 1 unreadable image file(s)" in exported.stderr and "3/broken.png" in exported.stderr
     assert list_models(repository) == {"fromfile": [1]}
     meta = read_metadata(repository / "fromfile" / "1" / "model.onnx")

@@ -62,10 +62,11 @@ def test_metadata_round_trips_into_the_service_reader(digits_run, tmp_path):
     assert {"keras-onnx-serve", "tensorflow", "keras", "tf2onnx", "onnx"} <= set(meta.versions)
     assert meta.opset == 17 and meta.precision == "float32" and meta.created_at.tzinfo is not None
     assert meta.graph_checks["preprocessing_kept"] == ["rescale"]
-    # Both batch normalisations follow a ReLU: each became one depthwise convolution, not Mul and Add.
+    # Both batch normalisations follow a ReLU: each is one BatchNormalization again, not Mul and Add.
     assert meta.graph_checks["scale_shift_folded"] == ["batch_normalization", "batch_normalization_1"]
-    depthwise = [n for n in onnx.load(str(result.path)).graph.node if n.name.endswith("/depthwise")]
-    assert [n.op_type for n in depthwise] == ["Conv", "Conv"]
+    nodes = onnx.load(str(result.path)).graph.node
+    assert [n.op_type for n in nodes].count("BatchNormalization") == 2
+    assert not [n.name for n in nodes if "/batch_normalization" in n.name and n.op_type in ("Mul", "Add")]
 
 
 def test_versions_increment_and_a_taken_version_is_refused_unless_overwritten(digits_run, tmp_path):

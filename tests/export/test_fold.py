@@ -60,7 +60,7 @@ SHIFT = np.array([0.1, -0.2, 0.3, -0.4]).reshape(1, C, 1, 1)
         (np.array(2.0), SHIFT, False),  # scalar scale, per-channel shift
     ],
 )
-def test_a_per_channel_scale_and_shift_becomes_one_depthwise_conv_with_the_same_answers(scale, shift, swap):
+def test_a_per_channel_scale_and_shift_becomes_one_batch_normalization_with_the_same_answers(scale, shift, swap):
     proto = _graph(scale, shift, swap=swap)
     x = np.random.default_rng(1).normal(size=(3, 3, 6, 6)).astype(np.float32)
     expected = _run(proto, x)
@@ -68,12 +68,18 @@ def test_a_per_channel_scale_and_shift_becomes_one_depthwise_conv_with_the_same_
     assert fold_channel_affine(proto) == ["bn"]
 
     ops = [n.op_type for n in proto.graph.node]
-    assert ops == ["Conv", "Relu", "Conv", "Conv"]
-    depthwise = proto.graph.node[2]
-    assert depthwise.name == "m/bn_1/batchnorm/mul_1/depthwise" and list(depthwise.output) == ["a1"]
-    assert {a.name: helper.get_attribute_value(a) for a in depthwise.attribute} == {"group": C, "kernel_shape": [1, 1]}
-    assert {i.name for i in proto.graph.initializer} == {"w1", "w2", *depthwise.input[1:]}, "the old constants are gone"
-    np.testing.assert_allclose(_run(proto, x), expected, rtol=1e-6, atol=1e-6)
+    assert ops == ["Conv", "Relu", "BatchNormalization", "Conv"]
+    norm = proto.graph.node[2]
+    assert norm.name == "m/bn_1/batchnorm/mul_1/batchnorm" and list(norm.input)[0] == "r" and list(norm.output) == ["a1"]
+    assert {a.name: helper.get_attribute_value(a) for a in norm.attribute} == {"epsilon": 0.0}
+    values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert set(values) == {"w1", "w2", *norm.input[1:]}, "the old constants are gone"
+    scale_, shift_, mean, variance = (values[name] for name in norm.input[1:])
+    np.testing.assert_array_equal(scale_, np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (C,)))
+    np.testing.assert_array_equal(shift_, np.broadcast_to(np.asarray(shift, np.float32).reshape(-1), (C,)))
+    assert not mean.any() and (variance == 1).all()
+    # x * scale + shift exactly: the same float32 operations as Mul then Add.
+    np.testing.assert_array_equal(_run(proto, x), expected)
 
 
 @pytest.mark.parametrize(
@@ -97,3 +103,59 @@ def test_a_tensor_of_unknown_rank_is_left_alone():
     # Without a shape on the input, shape inference cannot tell the Mul's input is 4-D.
     proto.graph.input[0].type.tensor_type.ClearField("shape")
     assert fold_channel_affine(proto) == []
+
+
+def test_a_graph_with_subgraphs_is_left_alone():
+    proto = _graph(PER_CHANNEL, SHIFT)
+    # A Loop whose body reads the Mul's output: the Mul must not go away under it.
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["m1"], ["out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("out", TensorProto.FLOAT, None),
+        ],
+    )
+    body.node.insert(0, helper.make_node("Identity", ["c"], ["c_out"]))
+    proto.graph.node.append(helper.make_node("Loop", ["", ""], ["scan"], body=body))
+    before = proto.SerializeToString()
+    assert fold_channel_affine(proto) == []
+    assert proto.SerializeToString() == before
+
+
+def test_new_names_never_clash_and_unrelated_initializers_stay():
+    proto = _graph(PER_CHANNEL, SHIFT)
+    taken = "m/bn_1/batchnorm/mul_1/batchnorm"
+    proto.graph.initializer.extend(
+        [numpy_helper.from_array(np.zeros(1, np.float32), taken), numpy_helper.from_array(np.ones(2, np.float32), "unused")]
+    )
+    x = np.random.default_rng(2).normal(size=(2, 3, 6, 6)).astype(np.float32)
+    expected = _run(proto, x)
+    assert fold_channel_affine(proto) == ["bn"]
+    norm = next(n for n in proto.graph.node if n.op_type == "BatchNormalization")
+    assert norm.name != taken and not set(norm.input[1:]) & {taken, "unused"}
+    assert {"unused", taken} <= {i.name for i in proto.graph.initializer}, "what the rewrite did not touch stays"
+    np.testing.assert_array_equal(_run(proto, x), expected)
+
+
+def test_constants_that_are_also_graph_inputs_are_not_constants():
+    proto = _graph(PER_CHANNEL, SHIFT)
+    # An initializer listed as a graph input is only a default: a caller may feed another scale.
+    proto.graph.input.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1, C, 1, 1]))
+    before = proto.SerializeToString()
+    assert fold_channel_affine(proto) == []
+    assert proto.SerializeToString() == before
+
+
+def test_a_result_the_checker_refuses_leaves_the_graph_as_converted(monkeypatch, caplog):
+    proto = _graph(PER_CHANNEL, SHIFT)
+    before = proto.SerializeToString()
+
+    def refuse(model):
+        raise onnx.checker.ValidationError("refused for the test")
+
+    monkeypatch.setattr(onnx.checker, "check_model", refuse)
+    assert fold_channel_affine(proto) == []
+    assert proto.SerializeToString() == before
+    assert "graph stays as converted" in caplog.text
