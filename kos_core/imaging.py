@@ -225,6 +225,13 @@ def direct_jpeg_agrees() -> bool:
     return True
 
 
+def jpeg_decoder() -> str:
+    """Which decoder plain JPEGs go through in this process, in words (runs the check once)."""
+    if direct_jpeg_agrees():
+        return f"libjpeg-turbo through simplejpeg {simplejpeg.__version__}, checked to give Pillow {PIL.__version__}'s pixels"
+    return f"Pillow {PIL.__version__}" + ("" if simplejpeg is not None else " (simplejpeg is not installed)")
+
+
 def decode_image(data: bytes, filename: str, spec: InputSpec, max_pixels: int, *, direct_jpeg: bool = True) -> np.ndarray:
     """Decode one image into a uint8 array of shape (H, W, C) for `spec`; raises an ImageError.
 

@@ -377,3 +377,14 @@ def test_anything_the_direct_decoder_raises_hands_the_file_to_pillow(monkeypatch
     monkeypatch.setattr(simplejpeg, "decode_jpeg_header", exhausted)
     with pytest.raises(MemoryError):  # not the file's fault: never called a bad file
         decode_image(data, "x.jpg", RGB32, 10**8)
+
+
+def test_the_process_says_which_decoder_serves_plain_jpegs(monkeypatch):
+    assert imaging.jpeg_decoder().startswith("libjpeg-turbo through simplejpeg")
+    monkeypatch.setattr(imaging, "simplejpeg", None)
+    imaging.direct_jpeg_agrees.cache_clear()
+    try:
+        assert imaging.jpeg_decoder().endswith("(simplejpeg is not installed)")
+        assert imaging._jpeg_direct(encode(base_rgb(), "JPEG"), RGB32, 10**8) is None
+    finally:
+        imaging.direct_jpeg_agrees.cache_clear()

@@ -36,6 +36,8 @@ def test_auto_on_a_machine_without_a_gpu_says_why_at_info_level(no_working_cuda,
         prepare_process(Settings(watch_interval_s=0))
     said = [r for r in caplog.records if "serving on CPU because" in r.getMessage()]
     assert [r.levelname for r in said] == ["INFO"]
+    # Which decoder serves plain JPEGs, checked before the first request.
+    assert "plain JPEGs decode with libjpeg-turbo through simplejpeg" in caplog.text
 
 
 def test_auto_with_a_gpu_that_cuda_cannot_use_warns(no_working_cuda, monkeypatch, caplog, tmp_path):
