@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
 from serve_bench import ROOT, make_jpegs, run_wrk, start_service, stop, tree
 
 
@@ -44,9 +44,12 @@ def thread_times(pid: int) -> dict[tuple[int, int], tuple[str, int, int]]:
 def batch_totals(port: int) -> tuple[float, float]:
     """The service's batch-size histogram: (sum, count) over every model."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    total = sum(float(v) for v in re.findall(r"^kos_batch_size_sum\{[^}]*\} (\S+)$", text, re.M))
-    count = sum(float(v) for v in re.findall(r"^kos_batch_size_count\{[^}]*\} (\S+)$", text, re.M))
-    return total, count
+    totals = {"kos_batch_size_sum": 0.0, "kos_batch_size_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals["kos_batch_size_sum"], totals["kos_batch_size_count"]
 
 
 def main() -> None:

@@ -149,8 +149,9 @@ def _jpeg_direct(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray | 
 
     Plain: only the segments `_plain_headers` takes (so no EXIF rotation), a colour space in
     `_DIRECT_JPEG`, small enough that Pillow would decode it at full scale (no draft), within the
-    pixel limits, and no libjpeg warning (simplejpeg's strict mode). Pillow and simplejpeg both run libjpeg-turbo with the
-    accurate DCT and smooth chroma upsampling; `direct_jpeg_agrees` checks the pixels match.
+    pixel limits, and no libjpeg warning (simplejpeg's strict mode). Pillow and simplejpeg both run
+    libjpeg-turbo with the accurate DCT and smooth chroma upsampling; `direct_jpeg_agrees` checks
+    that the pixels match.
     """
     if simplejpeg is None or not data.startswith(b"\xff\xd8\xff") or not _plain_headers(data):
         return None
@@ -209,7 +210,9 @@ def direct_jpeg_agrees() -> bool:
         try:
             got = simplejpeg.decode_jpeg(buffer.getvalue(), colorspace="RGB")
             got_grey = simplejpeg.decode_jpeg(buffer.getvalue(), colorspace="GRAY") if mode == "L" else None
-        except ValueError:
+        except MemoryError:
+            raise
+        except Exception:  # whatever it raises, it did not give Pillow's pixels
             got, got_grey = None, None
         if (
             got is None

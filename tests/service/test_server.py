@@ -168,6 +168,11 @@ def _failed_batches(url: str) -> float:
     return 0.0
 
 
+def _truncated_jpeg() -> bytes:
+    whole = _encoded(Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)), "JPEG")
+    return whole[: len(whole) - 60]
+
+
 def test_every_client_error_is_json_with_a_detail(mixed_server):
     url = mixed_server.url
     png = png_bytes(np.zeros((8, 8), np.uint8), mode="L")
@@ -178,6 +183,8 @@ def test_every_client_error_is_json_with_a_detail(mixed_server):
         # A superscript two: a digit to str.isdigit(), no number to int().
         (httpx.post(f"{url}/predict/digits?version=\u00b2", files=one), 422, "version"),
         (httpx.post(f"{url}/predict/digits", files=[("files", ("notes.txt", b"hello", "text/plain"))]), 415, "notes.txt"),
+        # A plain JPEG cut short in its scan: the direct decoder declines it, and Pillow calls it unreadable.
+        (httpx.post(f"{url}/predict/digits", files=[("files", ("cut.jpg", _truncated_jpeg(), "image/jpeg"))]), 415, "cut.jpg"),
         (httpx.post(f"{url}/predict/digits", data={"x": "1"}), 422, "files"),
         (httpx.post(f"{url}/predict/digits?top_k=0", files=one), 422, "top_k"),
         (httpx.post(f"{url}/predict/digits", files=one * 65), 422, "65 files"),
